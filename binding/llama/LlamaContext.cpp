@@ -1,0 +1,694 @@
+#include "llama/LlamaContext.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/AddonData.h"
+#include "common/Errors.h"
+#include "common/ProgressReporter.h"
+#include "common/PromiseWorker.h"
+
+namespace kvstash {
+
+namespace {
+
+// llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h, not a public header): more sequences abort.
+constexpr int32_t kMaxSequences = 256;
+
+const std::unordered_map<std::string, ggml_type>& KvTypes() {
+  static const std::unordered_map<std::string, ggml_type> types = {
+      {"f32", GGML_TYPE_F32},   {"f16", GGML_TYPE_F16},   {"bf16", GGML_TYPE_BF16},
+      {"q8_0", GGML_TYPE_Q8_0}, {"q4_0", GGML_TYPE_Q4_0}, {"q4_1", GGML_TYPE_Q4_1},
+      {"q5_0", GGML_TYPE_Q5_0}, {"q5_1", GGML_TYPE_Q5_1}, {"iq4_nl", GGML_TYPE_IQ4_NL},
+  };
+  return types;
+}
+
+int32_t IntOption(Napi::Object options, const char* name, int32_t fallback, int32_t min, int32_t max) {
+  Napi::Value value = options.Get(name);
+  if (value.IsUndefined()) return fallback;
+  if (!value.IsNumber()) throw Napi::TypeError::New(options.Env(), std::string("createContext: ") + name + " must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (number != static_cast<int64_t>(number) || number < min || number > max) {
+    throw Napi::RangeError::New(options.Env(), std::string("createContext: ") + name + " must be an integer in [" +
+                                                   std::to_string(min) + ", " + std::to_string(max) + "]");
+  }
+  return static_cast<int32_t>(number);
+}
+
+std::string StringOption(Napi::Object options, const char* name, const std::string& fallback) {
+  Napi::Value value = options.Get(name);
+  if (value.IsUndefined()) return fallback;
+  if (!value.IsString()) throw Napi::TypeError::New(options.Env(), std::string("createContext: ") + name + " must be a string");
+  return value.As<Napi::String>();
+}
+
+bool AbortCallback(void* flag) { return static_cast<std::atomic<bool>*>(flag)->load(); }
+
+}  // namespace
+
+// Base of every slow context operation: holds the JS context alive, and releases the context's
+// busy state on both threads however the work ends.
+class ContextWorker : public PromiseWorker {
+ public:
+  ContextWorker(Napi::Env env, const char* name, LlamaContext* owner)
+      : PromiseWorker(env, name), owner_(owner) {
+    ownerRef_ = Napi::Persistent(owner->Value());
+  }
+
+ protected:
+  virtual void Work(llama_context* ctx) = 0;
+
+  void Run() final {
+    struct IdleOnExit {
+      LlamaContext* owner;
+      ~IdleOnExit() { owner->MarkIdle(); }
+    } idle{owner_};
+    TakeLastLlamaError();
+    Work(owner_->raw());
+  }
+
+  void Settle() override { owner_->FinishOperation(); }
+
+  LlamaContext* owner_;
+
+ private:
+  Napi::ObjectReference ownerRef_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// create
+
+class ContextCreateWorker : public PromiseWorker {
+ public:
+  ContextCreateWorker(Napi::Env env, ModelHandle model, llama_context_params params, std::string kvType,
+                      std::string flash, Napi::Object modelObject)
+      : PromiseWorker(env, "kvstash.createContext"), model_(std::move(model)), params_(params),
+        kvType_(std::move(kvType)), flash_(std::move(flash)) {
+    modelRef_ = Napi::Persistent(modelObject);
+  }
+
+ protected:
+  void Run() override {
+    TakeLastLlamaError();
+    ctx_ = llama_init_from_model(model_.get(), params_);
+    if (ctx_ == nullptr) {
+      throw NativeError("E_CONTEXT_CREATE",
+                        WithLlamaReason("llama.cpp could not create the context (too large for memory, or an "
+                                        "unsupported combination of options)"));
+    }
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object object = AddonData::Of(env)->contextClass.Value().New({});
+    LlamaContext* context = LlamaContext::Unwrap(object);
+    context->kvType_ = kvType_;
+    context->flashAttention_ = flash_;
+    context->unifiedKv_ = params_.kv_unified;
+    context->nUbatch_ = static_cast<int32_t>(params_.n_ubatch);
+    context->threads_ = params_.n_threads;
+    context->Attach(std::move(model_), ctx_);
+    ctx_ = nullptr;
+    return object;
+  }
+
+  ~ContextCreateWorker() override {
+    if (ctx_ != nullptr) llama_free(ctx_);  // created, but the promise could not be resolved
+  }
+
+ private:
+  ModelHandle model_;
+  llama_context_params params_;
+  std::string kvType_, flash_;
+  Napi::ObjectReference modelRef_;
+  llama_context* ctx_ = nullptr;
+};
+
+// createContext({contextSize, batchSize, ubatchSize, sequences, threads, kvType, flashAttention, unifiedKv})
+Napi::Value LlamaContext::Create(const Napi::CallbackInfo& info, LlamaModel* model) {
+  Napi::Env env = info.Env();
+  Napi::Object options = info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
+  const int32_t trained = llama_model_n_ctx_train(model->handle().get());
+  llama_context_params params = llama_context_default_params();
+  params.n_ctx = IntOption(options, "contextSize", std::min(trained, 4096), 16, 1 << 24);
+  params.n_batch = IntOption(options, "batchSize", 512, 1, 1 << 20);
+  params.n_ubatch = IntOption(options, "ubatchSize", std::min<int32_t>(params.n_batch, 512), 1, params.n_batch);
+  params.n_seq_max = IntOption(options, "sequences", 1, 1, kMaxSequences);
+  params.n_threads = IntOption(options, "threads", 4, 1, 1024);
+  params.n_threads_batch = params.n_threads;
+  Napi::Value unified = options.Get("unifiedKv");
+  params.kv_unified = unified.IsUndefined() ? true : unified.ToBoolean().Value();
+  std::string kvType = StringOption(options, "kvType", "f16");
+  auto found = KvTypes().find(kvType);
+  if (found == KvTypes().end()) throw Napi::RangeError::New(env, "createContext: unknown kvType '" + kvType + "'");
+  params.type_k = found->second;
+  params.type_v = found->second;
+  std::string flash = StringOption(options, "flashAttention", "auto");
+  if (flash == "auto") params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO;
+  else if (flash == "on") params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+  else if (flash == "off") params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+  else throw Napi::RangeError::New(env, "createContext: flashAttention must be 'auto', 'on' or 'off'");
+  if (found->second != GGML_TYPE_F16 && found->second != GGML_TYPE_F32 && found->second != GGML_TYPE_BF16 &&
+      params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+    throw Napi::RangeError::New(env, "createContext: a quantized kvType needs flashAttention 'on' or 'auto'");
+  }
+  params.no_perf = true;
+  auto* worker = new ContextCreateWorker(env, model->handle(), params, kvType, flash, model->Value());
+  return worker->Start();
+}
+
+Napi::Function LlamaContext::DefineClass(Napi::Env env) {
+  return Napi::ObjectWrap<LlamaContext>::DefineClass(
+      env, "LlamaContext",
+      {
+          InstanceMethod<&LlamaContext::Info>("info"),
+          InstanceMethod<&LlamaContext::Decode>("decode"),
+          InstanceMethod<&LlamaContext::Logits>("logits"),
+          InstanceMethod<&LlamaContext::Abort>("abort"),
+          InstanceMethod<&LlamaContext::IsBusy>("isBusy"),
+          InstanceMethod<&LlamaContext::MemoryClear>("memoryClear"),
+          InstanceMethod<&LlamaContext::MemoryRemove>("memoryRemove"),
+          InstanceMethod<&LlamaContext::MemoryCopy>("memoryCopy"),
+          InstanceMethod<&LlamaContext::MemoryKeep>("memoryKeep"),
+          InstanceMethod<&LlamaContext::MemoryShift>("memoryShift"),
+          InstanceMethod<&LlamaContext::MemoryRange>("memoryRange"),
+          InstanceMethod<&LlamaContext::StateSize>("stateSize"),
+          InstanceMethod<&LlamaContext::SaveStateFile>("saveStateFile"),
+          InstanceMethod<&LlamaContext::LoadStateFile>("loadStateFile"),
+          InstanceMethod<&LlamaContext::ExportState>("exportState"),
+          InstanceMethod<&LlamaContext::ImportState>("importState"),
+          InstanceMethod<&LlamaContext::Dispose>("dispose"),
+      });
+}
+
+LlamaContext::LlamaContext(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LlamaContext>(info) {}
+
+LlamaContext::~LlamaContext() { WaitIdleAndFree(); }
+
+void LlamaContext::Attach(ModelHandle model, llama_context* ctx) {
+  model_ = std::move(model);
+  ctx_ = ctx;
+  nVocab_ = llama_vocab_n_tokens(llama_model_get_vocab(model_.get()));
+  nCtx_ = static_cast<int32_t>(llama_n_ctx(ctx_));
+  nCtxSeq_ = static_cast<int32_t>(llama_n_ctx_seq(ctx_));
+  nSeqMax_ = static_cast<int32_t>(llama_n_seq_max(ctx_));
+  nBatch_ = static_cast<int32_t>(llama_n_batch(ctx_));
+  llama_set_abort_callback(ctx_, AbortCallback, &abort_);
+}
+
+void LlamaContext::WaitIdleAndFree() {
+  if (ctx_ == nullptr) return;
+  abort_.store(true);
+  {
+    std::unique_lock<std::mutex> lock(idleMutex_);
+    idleCv_.wait(lock, [this] { return !running_; });
+  }
+  llama_free(ctx_);
+  ctx_ = nullptr;
+  model_.reset();
+  outputs_ = DecodeOutputs();
+}
+
+void LlamaContext::RequireLive(Napi::Env env) const {
+  if (ctx_ == nullptr) throw MakeError(env, "E_DISPOSED", "the context was disposed; create a new one");
+}
+
+void LlamaContext::RequireIdle(Napi::Env env) const {
+  RequireLive(env);
+  if (busy_.load()) {
+    throw MakeError(env, "E_BUSY", "another operation is running on this context; await it first");
+  }
+}
+
+void LlamaContext::BeginOperation(Napi::Env env) {
+  RequireIdle(env);
+  busy_.store(true);
+  abort_.store(false);
+  std::lock_guard<std::mutex> lock(idleMutex_);
+  running_ = true;
+}
+
+void LlamaContext::FinishOperation() { busy_.store(false); }
+
+void LlamaContext::MarkIdle() {
+  std::lock_guard<std::mutex> lock(idleMutex_);
+  running_ = false;
+  idleCv_.notify_all();
+}
+
+llama_seq_id LlamaContext::SequenceArg(Napi::Env env, Napi::Value value, bool allowAll, const char* what) const {
+  if (value.IsUndefined() && allowAll) return -1;
+  if (!value.IsNumber()) throw Napi::TypeError::New(env, std::string(what) + " must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (allowAll && number == -1) return -1;
+  if (number != static_cast<int64_t>(number) || number < 0 || number >= nSeqMax_) {
+    throw MakeError(env, "E_SEQUENCE_INVALID",
+                    std::string(what) + " " + std::to_string(number) + " is outside this context's sequences [0, " +
+                        std::to_string(nSeqMax_) + ")");
+  }
+  return static_cast<llama_seq_id>(number);
+}
+
+// Positions for memory ranges: -1 (or undefined) means "open end", as in llama.cpp.
+llama_pos LlamaContext::PositionArg(Napi::Env env, Napi::Value value, const char* what) const {
+  if (value.IsUndefined() || value.IsNull()) return -1;
+  if (!value.IsNumber()) throw Napi::TypeError::New(env, std::string(what) + " must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (number == -1 || std::isinf(number)) return -1;
+  if (number != static_cast<int64_t>(number) || number < 0 || number > nCtxSeq_) {
+    throw MakeError(env, "E_POSITION_INVALID",
+                    std::string(what) + " " + std::to_string(number) + " is outside [0, " + std::to_string(nCtxSeq_) + "]");
+  }
+  return static_cast<llama_pos>(number);
+}
+
+Napi::Value LlamaContext::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireLive(env);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("contextSize", nCtx_);
+  out.Set("sequenceContextSize", nCtxSeq_);
+  out.Set("batchSize", nBatch_);
+  out.Set("ubatchSize", nUbatch_);
+  out.Set("sequences", nSeqMax_);
+  out.Set("threads", threads_);
+  out.Set("kvType", kvType_);
+  out.Set("flashAttention", flashAttention_);
+  out.Set("unifiedKv", unifiedKv_);
+  out.Set("vocabSize", nVocab_);
+  out.Set("canShift", llama_memory_can_shift(llama_get_memory(ctx_)));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode
+
+class ContextDecodeWorker : public ContextWorker {
+ public:
+  ContextDecodeWorker(Napi::Env env, LlamaContext* owner, int32_t nBatch, std::vector<llama_token> tokens,
+                      std::vector<llama_pos> positions, std::vector<llama_seq_id> sequences,
+                      std::vector<int8_t> keep, Napi::Value onProgress)
+      : ContextWorker(env, "kvstash.decode", owner), nBatch_(nBatch), tokens_(std::move(tokens)),
+        positions_(std::move(positions)), sequences_(std::move(sequences)), keep_(std::move(keep)),
+        progress_(env, onProgress, "kvstash.decode.progress") {}
+
+ protected:
+  void Work(llama_context* ctx) override {
+    const int32_t n = static_cast<int32_t>(tokens_.size());
+    DecodeOutputs out;
+    out.nVocab = owner_->VocabSize();
+    out.nTokens = n;
+    out.rowOfToken.assign(n, -1);
+    int32_t rows = 0;
+    for (int32_t i = 0; i < n; ++i) {
+      if (keep_[i]) out.rowOfToken[i] = rows++;
+    }
+    out.logits.resize(static_cast<size_t>(rows) * out.nVocab);
+
+    llama_batch batch = llama_batch_init(nBatch_, 0, 1);
+    struct FreeBatch {
+      llama_batch& b;
+      ~FreeBatch() { llama_batch_free(b); }
+    } freeBatch{batch};
+
+    for (int32_t begin = 0; begin < n; begin += nBatch_) {
+      if (owner_->AbortRequested()) throw NativeError("E_ABORTED", "decode aborted");
+      const int32_t count = std::min(nBatch_, n - begin);
+      batch.n_tokens = count;
+      for (int32_t j = 0; j < count; ++j) {
+        batch.token[j] = tokens_[begin + j];
+        batch.pos[j] = positions_[begin + j];
+        batch.n_seq_id[j] = 1;
+        batch.seq_id[j][0] = sequences_[begin + j];
+        batch.logits[j] = keep_[begin + j];
+      }
+      const int32_t status = llama_decode(ctx, batch);
+      if (status == 2) throw NativeError("E_ABORTED", "decode aborted");
+      if (status == 1) {
+        throw NativeError("E_CONTEXT_FULL",
+                          "the context has no free KV cells for this batch; remove tokens from a sequence or "
+                          "create a larger context");
+      }
+      if (status != 0) {
+        throw NativeError("E_DECODE", WithLlamaReason("llama_decode failed with status " + std::to_string(status)));
+      }
+      for (int32_t j = 0; j < count; ++j) {
+        if (!keep_[begin + j]) continue;
+        const float* row = llama_get_logits_ith(ctx, j);
+        if (row == nullptr) throw NativeError("E_DECODE", "llama.cpp kept no logits for a requested output");
+        std::memcpy(out.logits.data() + static_cast<size_t>(out.rowOfToken[begin + j]) * out.nVocab, row,
+                    sizeof(float) * out.nVocab);
+      }
+      progress_.Report(begin + count, n);
+    }
+    outputs_ = std::move(out);
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    int32_t rows = static_cast<int32_t>(outputs_.logits.size() / std::max(1, outputs_.nVocab));
+    owner_->PublishOutputs(std::move(outputs_));
+    return Napi::Number::New(env, rows);
+  }
+
+  void Settle() override {
+    progress_.Release();
+    ContextWorker::Settle();
+  }
+
+ private:
+  int32_t nBatch_;
+  std::vector<llama_token> tokens_;
+  std::vector<llama_pos> positions_;
+  std::vector<llama_seq_id> sequences_;
+  std::vector<int8_t> keep_;
+  ProgressReporter progress_;
+  DecodeOutputs outputs_;
+};
+
+// decode(tokens: Int32Array, positions: Int32Array, sequences: Int32Array, keep: Uint8Array, onProgress?)
+// Every argument is checked here, before llama.cpp sees it: llama.cpp rejects some bad batches
+// with a log line and aborts the process on others.
+Napi::Value LlamaContext::Decode(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  std::vector<llama_token> tokens = TokensFromJs(env, info[0], nVocab_, "tokens");
+  const size_t n = tokens.size();
+  if (n == 0) throw Napi::RangeError::New(env, "decode: tokens must not be empty");
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array ||
+      !info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array ||
+      !info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throw Napi::TypeError::New(env, "decode: positions and sequences must be Int32Array, keep a Uint8Array");
+  }
+  Napi::Int32Array posArray = info[1].As<Napi::Int32Array>();
+  Napi::Int32Array seqArray = info[2].As<Napi::Int32Array>();
+  Napi::Uint8Array keepArray = info[3].As<Napi::Uint8Array>();
+  if (posArray.ElementLength() != n || seqArray.ElementLength() != n || keepArray.ElementLength() != n) {
+    throw Napi::RangeError::New(env, "decode: positions, sequences and keep must have one entry per token");
+  }
+  std::vector<llama_pos> positions(posArray.Data(), posArray.Data() + n);
+  std::vector<llama_seq_id> sequences(seqArray.Data(), seqArray.Data() + n);
+  std::vector<int8_t> keep(n);
+
+  // llama.cpp requires each sequence to continue exactly where its cells end (Y = X + 1) and to
+  // advance one position per token. Check that per sequence, in call order, so a batch split
+  // anywhere stays valid.
+  llama_memory_t mem = llama_get_memory(ctx_);
+  std::unordered_map<llama_seq_id, llama_pos> next;
+  for (size_t i = 0; i < n; ++i) {
+    const llama_seq_id seq = sequences[i];
+    if (seq < 0 || seq >= nSeqMax_) {
+      throw MakeError(env, "E_SEQUENCE_INVALID",
+                      "sequence " + std::to_string(seq) + " of token " + std::to_string(i) +
+                          " is outside this context's sequences [0, " + std::to_string(nSeqMax_) + ")");
+    }
+    const llama_pos pos = positions[i];
+    if (pos < 0 || pos >= nCtxSeq_) {
+      throw MakeError(env, "E_POSITION_INVALID",
+                      "position " + std::to_string(pos) + " of token " + std::to_string(i) +
+                          " is outside the context [0, " + std::to_string(nCtxSeq_) + ")");
+    }
+    auto it = next.find(seq);
+    if (it == next.end()) {
+      const llama_pos last = llama_memory_seq_pos_max(mem, seq);
+      if (last >= 0 && pos != last + 1) {
+        throw MakeError(env, "E_POSITION_INVALID",
+                        "sequence " + std::to_string(seq) + " holds positions up to " + std::to_string(last) +
+                            ", so its next token must be at position " + std::to_string(last + 1) + ", not " +
+                            std::to_string(pos) + " (remove positions first to overwrite them)");
+      }
+    } else if (pos != it->second) {
+      throw MakeError(env, "E_POSITION_INVALID",
+                      "positions of sequence " + std::to_string(seq) + " must increase by one per token: token " +
+                          std::to_string(i) + " is at " + std::to_string(pos) + ", expected " + std::to_string(it->second));
+    }
+    next[seq] = pos + 1;
+    keep[i] = keepArray[i] != 0 ? 1 : 0;
+  }
+
+  BeginOperation(env);
+  auto* worker = new ContextDecodeWorker(env, this, nBatch_, std::move(tokens), std::move(positions),
+                                         std::move(sequences), std::move(keep), info[4]);
+  return worker->Start();
+}
+
+const float* LlamaContext::OutputRow(Napi::Env env, int32_t index) const {
+  RequireLive(env);
+  const int32_t resolved = index < 0 ? outputs_.nTokens + index : index;
+  const float* row = outputs_.Row(resolved);
+  if (row == nullptr) {
+    throw MakeError(env, "E_NO_LOGITS",
+                    "the last decode kept no output for token index " + std::to_string(index) +
+                        "; ask for it with the decode option `logits`");
+  }
+  return row;
+}
+
+// logits(index) -> Float32Array (a copy)
+Napi::Value LlamaContext::Logits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int32_t index = info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : -1;
+  const float* row = OutputRow(env, index);
+  Napi::Float32Array out = Napi::Float32Array::New(env, nVocab_);
+  std::memcpy(out.Data(), row, sizeof(float) * nVocab_);
+  return out;
+}
+
+Napi::Value LlamaContext::Abort(const Napi::CallbackInfo& info) {
+  if (busy_.load()) abort_.store(true);
+  return info.Env().Undefined();
+}
+
+Napi::Value LlamaContext::IsBusy(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), busy_.load()); }
+
+// ---------------------------------------------------------------------------------------------
+// memory (immediate)
+
+Napi::Value LlamaContext::MemoryClear(const Napi::CallbackInfo& info) {
+  RequireIdle(info.Env());
+  llama_memory_clear(llama_get_memory(ctx_), true);
+  return info.Env().Undefined();
+}
+
+Napi::Value LlamaContext::MemoryRemove(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_seq_id seq = SequenceArg(env, info[0], true, "sequence");
+  llama_pos p0 = PositionArg(env, info[1], "p0");
+  llama_pos p1 = PositionArg(env, info[2], "p1");
+  return Napi::Boolean::New(env, llama_memory_seq_rm(llama_get_memory(ctx_), seq, p0, p1));
+}
+
+Napi::Value LlamaContext::MemoryCopy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_seq_id src = SequenceArg(env, info[0], false, "source sequence");
+  llama_seq_id dst = SequenceArg(env, info[1], false, "destination sequence");
+  llama_pos p0 = PositionArg(env, info[2], "p0");
+  llama_pos p1 = PositionArg(env, info[3], "p1");
+  if (src != dst) llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, p0, p1);
+  return env.Undefined();
+}
+
+Napi::Value LlamaContext::MemoryKeep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_memory_seq_keep(llama_get_memory(ctx_), SequenceArg(env, info[0], false, "sequence"));
+  return env.Undefined();
+}
+
+Napi::Value LlamaContext::MemoryShift(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_memory_t mem = llama_get_memory(ctx_);
+  if (!llama_memory_can_shift(mem)) {
+    throw MakeError(env, "E_SHIFT_UNSUPPORTED", "this model's memory cannot shift positions");
+  }
+  llama_seq_id seq = SequenceArg(env, info[0], false, "sequence");
+  llama_pos p0 = PositionArg(env, info[1], "p0");
+  llama_pos p1 = PositionArg(env, info[2], "p1");
+  if (!info[3].IsNumber()) throw Napi::TypeError::New(env, "delta must be a number");
+  llama_pos delta = info[3].As<Napi::Number>().Int32Value();
+  llama_memory_seq_add(mem, seq, p0, p1, delta);
+  return env.Undefined();
+}
+
+// memoryRange(seq) -> [min, max] (both -1 when the sequence is empty)
+Napi::Value LlamaContext::MemoryRange(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_seq_id seq = SequenceArg(env, info[0], false, "sequence");
+  llama_memory_t mem = llama_get_memory(ctx_);
+  Napi::Array out = Napi::Array::New(env, 2);
+  out.Set(0u, llama_memory_seq_pos_min(mem, seq));
+  out.Set(1u, llama_memory_seq_pos_max(mem, seq));
+  return out;
+}
+
+Napi::Value LlamaContext::StateSize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_seq_id seq = SequenceArg(env, info[0], true, "sequence");
+  size_t size = seq < 0 ? llama_state_get_size(ctx_) : llama_state_seq_get_size(ctx_, seq);
+  return Napi::Number::New(env, static_cast<double>(size));
+}
+
+// ---------------------------------------------------------------------------------------------
+// state
+
+class StateSaveFileWorker : public ContextWorker {
+ public:
+  StateSaveFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
+                      std::vector<llama_token> tokens)
+      : ContextWorker(env, "kvstash.saveState", owner), path_(std::move(path)), seq_(seq), tokens_(std::move(tokens)) {}
+
+ protected:
+  void Work(llama_context* ctx) override {
+    bool ok = seq_ < 0 ? llama_state_save_file(ctx, path_.c_str(), tokens_.data(), tokens_.size())
+                       : llama_state_seq_save_file(ctx, path_.c_str(), seq_, tokens_.data(), tokens_.size()) > 0;
+    if (!ok) throw NativeError("E_STATE_SAVE", WithLlamaReason("could not write the state to " + path_));
+  }
+
+ private:
+  std::string path_;
+  llama_seq_id seq_;
+  std::vector<llama_token> tokens_;
+};
+
+// saveStateFile(path, seq, tokens) -> Promise<void>
+Napi::Value LlamaContext::SaveStateFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "saveState: path must be a string");
+  llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
+  std::vector<llama_token> tokens = TokensFromJs(env, info[2], nVocab_, "tokens");
+  BeginOperation(env);
+  return (new StateSaveFileWorker(env, this, info[0].As<Napi::String>(), seq, std::move(tokens)))->Start();
+}
+
+class StateLoadFileWorker : public ContextWorker {
+ public:
+  StateLoadFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq, size_t capacity)
+      : ContextWorker(env, "kvstash.loadState", owner), path_(std::move(path)), seq_(seq), tokens_(capacity) {}
+
+ protected:
+  void Work(llama_context* ctx) override {
+    size_t count = 0;
+    bool ok = seq_ < 0 ? llama_state_load_file(ctx, path_.c_str(), tokens_.data(), tokens_.size(), &count)
+                       : llama_state_seq_load_file(ctx, path_.c_str(), seq_, tokens_.data(), tokens_.size(), &count) > 0;
+    if (!ok) {
+      throw NativeError("E_STATE_LOAD",
+                        WithLlamaReason("the state in " + path_ +
+                                        " does not fit this context (another model, other context settings, or "
+                                        "not a llama.cpp state file)"));
+    }
+    tokens_.resize(count);
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Int32Array out = Napi::Int32Array::New(env, tokens_.size());
+    std::copy(tokens_.begin(), tokens_.end(), out.Data());
+    return out;
+  }
+
+ private:
+  std::string path_;
+  llama_seq_id seq_;
+  std::vector<llama_token> tokens_;
+};
+
+// loadStateFile(path, seq) -> Promise<Int32Array>
+Napi::Value LlamaContext::LoadStateFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "loadState: path must be a string");
+  llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
+  BeginOperation(env);
+  return (new StateLoadFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<size_t>(nCtx_)))->Start();
+}
+
+class StateExportWorker : public ContextWorker {
+ public:
+  StateExportWorker(Napi::Env env, LlamaContext* owner, llama_seq_id seq)
+      : ContextWorker(env, "kvstash.exportState", owner), seq_(seq) {}
+
+ protected:
+  void Work(llama_context* ctx) override {
+    const size_t size = seq_ < 0 ? llama_state_get_size(ctx) : llama_state_seq_get_size(ctx, seq_);
+    bytes_.resize(size);
+    const size_t written = seq_ < 0 ? llama_state_get_data(ctx, bytes_.data(), size)
+                                    : llama_state_seq_get_data(ctx, bytes_.data(), size, seq_);
+    if (written == 0 && size != 0) throw NativeError("E_STATE_SAVE", WithLlamaReason("could not export the state"));
+    bytes_.resize(written);
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    // Hand the bytes to JS without a copy: the Buffer owns the vector from now on.
+    auto* owned = new std::vector<uint8_t>(std::move(bytes_));
+    return Napi::Buffer<uint8_t>::New(env, owned->data(), owned->size(),
+                                      [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, owned);
+  }
+
+ private:
+  llama_seq_id seq_;
+  std::vector<uint8_t> bytes_;
+};
+
+Napi::Value LlamaContext::ExportState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  llama_seq_id seq = SequenceArg(env, info[0], true, "sequence");
+  BeginOperation(env);
+  return (new StateExportWorker(env, this, seq))->Start();
+}
+
+class StateImportWorker : public ContextWorker {
+ public:
+  StateImportWorker(Napi::Env env, LlamaContext* owner, Napi::Uint8Array bytes, llama_seq_id seq)
+      : ContextWorker(env, "kvstash.importState", owner), data_(bytes.Data()), size_(bytes.ByteLength()), seq_(seq) {
+    // Pinned until the worker is destroyed: the worker thread reads it in place, without a copy.
+    bytesRef_ = Napi::Persistent(static_cast<Napi::Object>(bytes));
+  }
+
+ protected:
+  void Work(llama_context* ctx) override {
+    const size_t read = seq_ < 0 ? llama_state_set_data(ctx, data_, size_) : llama_state_seq_set_data(ctx, data_, size_, seq_);
+    if (read == 0) {
+      throw NativeError("E_STATE_LOAD",
+                        WithLlamaReason("the state bytes do not fit this context (another model, other context "
+                                        "settings, or not llama.cpp state data)"));
+    }
+  }
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  llama_seq_id seq_;
+  Napi::ObjectReference bytesRef_;
+};
+
+// importState(bytes: Uint8Array, seq) -> Promise<void>
+Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throw Napi::TypeError::New(env, "importState: bytes must be a Buffer or Uint8Array");
+  }
+  llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
+  Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
+  if (bytes.ByteLength() == 0) throw MakeError(env, "E_STATE_LOAD", "importState: the state is empty");
+  BeginOperation(env);
+  return (new StateImportWorker(env, this, bytes, seq))->Start();
+}
+
+Napi::Value LlamaContext::Dispose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (ctx_ == nullptr) return env.Undefined();
+  if (busy_.load()) throw MakeError(env, "E_BUSY", "dispose: an operation is running; await it (lib/ does)");
+  WaitIdleAndFree();
+  return env.Undefined();
+}
+
+}  // namespace kvstash

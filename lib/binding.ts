@@ -1,0 +1,159 @@
+/**
+ * The only module that loads the native addon. It declares the native interface as TypeScript
+ * types; everything else in lib/ talks to `native()` and never to the .node file.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { KvstashError } from './errors.js';
+
+/** Package root: this file is lib/binding.ts in a checkout and dist/binding.js when compiled. */
+export const PACKAGE_ROOT = path.resolve(__dirname, '..');
+
+export interface NativeModelInfo {
+  architecture: string;
+  name: string;
+  description: string;
+  trainedContextSize: number;
+  embeddingSize: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  vocabSize: number;
+  parameters: number;
+  sizeBytes: number;
+  canShift: boolean;
+  specialTokens: {
+    bos: number;
+    eos: number;
+    eot: number;
+    sep: number;
+    nl: number;
+    pad: number;
+    addBos: boolean;
+    addEos: boolean;
+  };
+  chatTemplate: string | null;
+}
+
+export interface NativeContextOptions {
+  contextSize?: number;
+  batchSize?: number;
+  ubatchSize?: number;
+  sequences?: number;
+  threads?: number;
+  kvType?: string;
+  flashAttention?: 'auto' | 'on' | 'off';
+  unifiedKv?: boolean;
+}
+
+export interface NativeContextInfo {
+  contextSize: number;
+  sequenceContextSize: number;
+  batchSize: number;
+  ubatchSize: number;
+  sequences: number;
+  threads: number;
+  kvType: string;
+  flashAttention: 'auto' | 'on' | 'off';
+  unifiedKv: boolean;
+  vocabSize: number;
+  canShift: boolean;
+}
+
+export interface NativeModel {
+  info(): NativeModelInfo;
+  metadata(): Record<string, string>;
+  tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): Int32Array;
+  detokenize(tokens: Int32Array, removeSpecial: boolean, unparseSpecial: boolean): string;
+  tokenPiece(token: number, special: boolean): Buffer;
+  isEndOfGeneration(token: number): boolean;
+  applyChatTemplate(template: string, messages: ReadonlyArray<{ role: string; content: string }>, addAssistant: boolean): string;
+  createContext(options: NativeContextOptions): Promise<NativeContext>;
+  dispose(): void;
+}
+
+export type ProgressCallback = (done: number, total: number) => void;
+
+export interface NativeContext {
+  info(): NativeContextInfo;
+  decode(tokens: Int32Array, positions: Int32Array, sequences: Int32Array, keep: Uint8Array, onProgress?: ProgressCallback): Promise<number>;
+  logits(index: number): Float32Array;
+  abort(): void;
+  isBusy(): boolean;
+  memoryClear(): void;
+  memoryRemove(sequence: number, p0: number, p1: number): boolean;
+  memoryCopy(source: number, destination: number, p0: number, p1: number): void;
+  memoryKeep(sequence: number): void;
+  memoryShift(sequence: number, p0: number, p1: number, delta: number): void;
+  memoryRange(sequence: number): [number, number];
+  stateSize(sequence: number): number;
+  saveStateFile(path: string, sequence: number, tokens: Int32Array): Promise<void>;
+  loadStateFile(path: string, sequence: number): Promise<Int32Array>;
+  exportState(sequence: number): Promise<Buffer>;
+  importState(bytes: Uint8Array, sequence: number): Promise<void>;
+  dispose(): void;
+}
+
+export interface NativeSamplerOptions {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repeatPenalty: number;
+  repeatLastN: number;
+  frequencyPenalty: number;
+  presencePenalty: number;
+  seed: number;
+  vocabSize: number;
+}
+
+export interface NativeSampler {
+  sample(context: NativeContext, index: number): number;
+  accept(tokens: Int32Array): void;
+  reset(): void;
+  dispose(): void;
+}
+
+export interface NativeBinding {
+  LlamaSampler: new (options: NativeSamplerOptions) => NativeSampler;
+  loadModel(path: string, options: { useMmap?: boolean }, onProgress?: ProgressCallback): Promise<NativeModel>;
+  quantize(source: string, destination: string, type: string, threads: number): Promise<void>;
+  setErrorClass(errorClass: typeof KvstashError): void;
+  setLogLevel(level: number): void;
+  systemInfo(): string;
+  llamaCommit: string;
+}
+
+const LOG_LEVELS: Record<string, number> = { silent: 0, error: 1, warn: 2, info: 3, debug: 4 };
+
+let loaded: NativeBinding | undefined;
+
+/** The native addon, loaded on first use (so importing kvstash for its types never fails). */
+export function native(): NativeBinding {
+  if (loaded) return loaded;
+  const attempts: string[] = [];
+  let binding: NativeBinding | undefined;
+  try {
+    // node-gyp-build picks a matching prebuild from prebuilds/<platform>-<arch>/, else build/Release.
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const load = require('node-gyp-build') as (dir: string) => NativeBinding;
+    binding = load(PACKAGE_ROOT);
+  } catch (err) {
+    attempts.push(`- loading the addon failed: ${(err as Error).message.split('\n')[0]}`);
+  }
+  if (!binding) {
+    const prebuildDir = path.join(PACKAGE_ROOT, 'prebuilds', `${process.platform}-${process.arch}`);
+    attempts.push(
+      fs.existsSync(prebuildDir)
+        ? `- a prebuilt binary exists in ${prebuildDir} but did not load (wrong libc or CPU?)`
+        : `- no prebuilt binary for ${process.platform}-${process.arch}`,
+    );
+    attempts.push(`- no usable local build in ${path.join(PACKAGE_ROOT, 'build', 'Release')}: run \`npm run build:native\` (needs cmake, a C++17 compiler and git)`);
+    throw new KvstashError('E_NATIVE_UNAVAILABLE', `the kvstash native addon could not be loaded:\n${attempts.join('\n')}`);
+  }
+  binding.setErrorClass(KvstashError);
+  const level = process.env.KVSTASH_LOG?.toLowerCase();
+  binding.setLogLevel(level !== undefined && level in LOG_LEVELS ? LOG_LEVELS[level]! : 0);
+  loaded = binding;
+  return binding;
+}

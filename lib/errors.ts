@@ -1,0 +1,45 @@
+/**
+ * Every failure a caller can cause or meet surfaces as a KvstashError with a stable `code`, so
+ * programs can branch on `err.code` instead of parsing messages. Bad argument types and values that
+ * are plainly programming errors stay TypeError/RangeError, as Node's own APIs do.
+ */
+export type KvstashErrorCode =
+  | 'E_MODEL_LOAD' // the model file is missing, unreadable, or llama.cpp refused it
+  | 'E_MODEL_FORMAT' // the file is not a GGUF, or is truncated
+  | 'E_CONTEXT_CREATE' // llama.cpp could not create a context (usually: not enough memory)
+  | 'E_DECODE' // llama_decode failed inside llama.cpp
+  | 'E_CONTEXT_FULL' // no free KV cells for the batch: remove tokens or use a larger context
+  | 'E_TOKENIZE' // tokenization or detokenization failed
+  | 'E_CHAT_TEMPLATE' // llama.cpp does not know the chat template
+  | 'E_SAMPLE' // the sampler chain selected no token
+  | 'E_SHIFT_UNSUPPORTED' // the model's memory cannot shift positions
+  | 'E_TOKEN_INVALID' // a token id outside [0, vocab size)
+  | 'E_POSITION_INVALID' // a position outside [0, context size)
+  | 'E_SEQUENCE_INVALID' // a sequence id outside [0, sequences)
+  | 'E_NO_LOGITS' // logits asked for an output that the last decode did not keep
+  | 'E_STATE_LOAD' // a state file/buffer that llama.cpp cannot load into this context
+  | 'E_STATE_SAVE' // writing state failed
+  | 'E_CACHE_CORRUPT' // a cache entry failed its checksum, magic, version or length check
+  | 'E_CACHE_MISMATCH' // a cache entry is from another model or an incompatible context
+  | 'E_DISPOSED' // the object was disposed
+  | 'E_BUSY' // another operation holds the context and the caller asked not to wait
+  | 'E_ABORTED' // an AbortSignal fired
+  | 'E_QUANTIZE' // llama_model_quantize failed
+  | 'E_NATIVE_UNAVAILABLE' // the native addon could not be loaded
+  | 'E_NATIVE' // an unexpected failure inside the native layer (a bug: please report it)
+  | 'E_RKLLM_UNAVAILABLE' // librkllmrt.so or one of its symbols is missing
+  | 'E_RKLLM_CALL'; // an RKLLM call returned an error
+
+export class KvstashError extends Error {
+  readonly code: KvstashErrorCode;
+
+  constructor(code: KvstashErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'KvstashError';
+    this.code = code;
+  }
+}
+
+export function isKvstashError(err: unknown, code?: KvstashErrorCode): err is KvstashError {
+  return err instanceof KvstashError && (code === undefined || err.code === code);
+}

@@ -1,0 +1,21 @@
+/**
+ * kvstash: durable, verified, reusable LLM KV caches for Node.js.
+ * See README.md for the guide; every export below is documented where it is defined.
+ */
+export { KvstashError, isKvstashError, type KvstashErrorCode } from './errors.js';
+export { loadModel, Model, type ModelInfo, type ChatMessage, type LoadModelOptions, type TokenizeOptions } from './llama/model.js';
+export {
+  Context,
+  ContextMemory,
+  type ContextOptions,
+  type ContextInfo,
+  type DecodeOptions,
+  type KvType,
+  type LogitsSelection,
+  type SequenceOptions,
+} from './llama/context.js';
+export { Sampler, type SamplingOptions } from './llama/sampler.js';
+export { quantizeModel, type QuantizeType } from './llama/quantize.js';
+export { writeSyntheticModel, SYNTHETIC_SHAPES } from './models/synthetic.js';
+export { fingerprintModel, FINGERPRINT_SCHEME } from './models/fingerprint.js';
+export { systemInfo } from './system.js';

@@ -1,0 +1,345 @@
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import type { NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
+import { KvstashError } from '../errors.js';
+import { requireInteger, requireString, toInt32Array } from '../util/validate.js';
+import type { Model } from './model.js';
+import { OperationQueue, abortError } from './queue.js';
+
+export type KvType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0' | 'q4_1' | 'q5_0' | 'q5_1' | 'iq4_nl';
+
+export interface ContextOptions {
+  /** KV cells in the context, shared by all sequences when `unifiedKv` is on. Default
+   * min(trained context, 4096). Unit: tokens. */
+  contextSize?: number;
+  /** Most tokens given to one llama_decode call; longer decodes are split. Default 512. Unit: tokens. */
+  batchSize?: number;
+  /** Physical micro-batch size inside llama.cpp. Default min(batchSize, 512). Unit: tokens. */
+  ubatchSize?: number;
+  /** Number of independent sequences (conversations) the context holds. Default 1. */
+  sequences?: number;
+  /** Compute threads. Default: every available core. */
+  threads?: number;
+  /** Storage type of the K and V cache. Default 'f16'. Quantized types need flash attention. */
+  kvType?: KvType;
+  /** Flash attention: 'auto' (llama.cpp decides), 'on' or 'off'; booleans mean on/off. Default 'auto'. */
+  flashAttention?: 'auto' | 'on' | 'off' | boolean;
+  /** One KV buffer for all sequences, so a prefix copied between sequences shares cells instead of
+   * being duplicated, and every sequence can use the whole context. Default true. */
+  unifiedKv?: boolean;
+}
+
+export type ContextInfo = NativeContextInfo;
+
+/** Which tokens of a decode keep their logits: the last (default), all, none, or these indices. */
+export type LogitsSelection = 'last' | 'all' | 'none' | readonly number[];
+
+export interface DecodeOptions {
+  /** Position of the first token. Default: right after what each sequence already holds. */
+  start?: number;
+  /** One position per token, instead of `start`. */
+  positions?: Int32Array | readonly number[];
+  /** The sequence of every token (a number), or one sequence per token. Default 0. */
+  sequence?: number | Int32Array | readonly number[];
+  /** Which outputs to keep for `logits()` and sampling. Default 'last'. */
+  logits?: LogitsSelection;
+  /** Called after each batch with (tokens evaluated, total tokens). */
+  onProgress?: (done: number, total: number) => void;
+  /** Aborts the decode between or inside batches; what it had added to the KV cache is removed. */
+  signal?: AbortSignal;
+}
+
+export interface SequenceOptions {
+  /** The sequence to act on. Default: the whole context (every sequence). */
+  sequence?: number;
+}
+
+/**
+ * A llama.cpp context: KV cache, compute buffers, and the logits of the last decode.
+ *
+ * Slow operations (decode, state save/load/export/import) run off the main thread, one at a time
+ * in call order. Memory operations are immediate; they throw E_BUSY while a slow operation runs.
+ */
+export class Context {
+  readonly info: ContextInfo;
+  /** KV cache edits by sequence and position. */
+  readonly memory: ContextMemory;
+  private readonly queue = new OperationQueue();
+  private disposing: Promise<void> | undefined;
+
+  /** @internal Use model.createContext(). */
+  constructor(
+    /** @internal */ readonly handle: NativeContext,
+    readonly model: Model,
+    private readonly onDispose: () => void,
+  ) {
+    this.info = handle.info();
+    this.memory = new ContextMemory(this);
+  }
+
+  /** @internal */
+  static nativeOptions(options: ContextOptions, defaultThreads: number): NativeContextOptions {
+    const flash = options.flashAttention;
+    return {
+      ...options,
+      threads: options.threads ?? defaultThreads,
+      flashAttention: flash === true ? 'on' : flash === false ? 'off' : flash,
+    };
+  }
+
+  get isDisposed(): boolean {
+    return this.disposing !== undefined;
+  }
+
+  /** Operations queued or running. */
+  get pendingOperations(): number {
+    return this.queue.size;
+  }
+
+  /**
+   * Evaluates tokens at explicit positions in one or more sequences. Resolves with the number of
+   * outputs kept. On failure or abort, whatever this call had added to the KV cache is removed, so
+   * every sequence is as it was before the call.
+   */
+  decode(tokens: Int32Array | readonly number[], options: DecodeOptions = {}): Promise<number> {
+    return this.enqueue(options.signal, async () => {
+      const batch = this.prepareBatch(toInt32Array(tokens, 'tokens'), options);
+      const abort = (): void => this.handle.abort();
+      options.signal?.addEventListener('abort', abort, { once: true });
+      try {
+        return await this.handle.decode(batch.tokens, batch.positions, batch.sequences, batch.keep, options.onProgress);
+      } catch (err) {
+        for (const [sequence, first] of batch.firstPosition) this.handle.memoryRemove(sequence, first, -1);
+        if (options.signal?.aborted && (err as KvstashError).code === 'E_ABORTED') throw abortError(options.signal);
+        throw err;
+      } finally {
+        options.signal?.removeEventListener('abort', abort);
+      }
+    });
+  }
+
+  /** A copy of the logits of token `index` of the last decode (negative counts from the end). */
+  logits(index = -1): Float32Array {
+    this.requireLive();
+    requireInteger(index, 'index', -2147483648, 2147483647);
+    return this.handle.logits(index);
+  }
+
+  /** Bytes the state of `sequence` (or of the whole context) takes when saved. */
+  stateSize(options: SequenceOptions = {}): number {
+    this.requireLive();
+    return this.handle.stateSize(this.sequenceOrAll(options.sequence));
+  }
+
+  /**
+   * Saves the KV state of one sequence (or the whole context) with `tokens` to a llama.cpp state
+   * file. The file appears atomically: a crash leaves the old file or none, never half of one.
+   */
+  saveState(file: string, options: SequenceOptions & { tokens?: Int32Array | readonly number[] } = {}): Promise<{ bytes: number }> {
+    requireString(file, 'path');
+    const tokens = toInt32Array(options.tokens ?? [], 'tokens');
+    return this.enqueue(undefined, async () => {
+      const sequence = this.sequenceOrAll(options.sequence);
+      const temporary = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${Date.now()}`);
+      try {
+        await this.handle.saveStateFile(temporary, sequence, tokens);
+        const handle = await fsp.open(temporary, 'r+');
+        try {
+          await handle.sync();
+        } finally {
+          await handle.close();
+        }
+        await fsp.rename(temporary, file);
+      } catch (err) {
+        await fsp.rm(temporary, { force: true });
+        throw err;
+      }
+      return { bytes: (await fsp.stat(file)).size };
+    });
+  }
+
+  /** Loads a llama.cpp state file into one sequence (or the whole context); resolves with its tokens.
+   * On failure the target sequence is left empty, never half loaded. */
+  loadState(file: string, options: SequenceOptions = {}): Promise<Int32Array> {
+    requireString(file, 'path');
+    return this.enqueue(undefined, async () => {
+      const sequence = this.sequenceOrAll(options.sequence);
+      if (!fs.existsSync(file)) throw new KvstashError('E_STATE_LOAD', `no state file at ${file}`);
+      try {
+        return await this.handle.loadStateFile(file, sequence);
+      } catch (err) {
+        this.clearAfterFailedLoad(sequence);
+        throw err;
+      }
+    });
+  }
+
+  /** The KV state of one sequence (or the whole context) as bytes (llama_state_seq_get_data). */
+  exportState(options: SequenceOptions = {}): Promise<Buffer> {
+    return this.enqueue(undefined, () => this.handle.exportState(this.sequenceOrAll(options.sequence)));
+  }
+
+  /** Loads bytes from exportState() into one sequence (or the whole context). The buffer is read in
+   * place; do not modify it until the promise settles. */
+  importState(bytes: Uint8Array, options: SequenceOptions = {}): Promise<void> {
+    if (!(bytes instanceof Uint8Array)) throw new TypeError('bytes must be a Buffer or Uint8Array');
+    return this.enqueue(undefined, async () => {
+      const sequence = this.sequenceOrAll(options.sequence);
+      try {
+        await this.handle.importState(bytes, sequence);
+      } catch (err) {
+        this.clearAfterFailedLoad(sequence);
+        throw err;
+      }
+    });
+  }
+
+  /** Waits for queued and running operations, then frees the context. Idempotent. */
+  dispose(): Promise<void> {
+    if (!this.disposing) {
+      this.disposing = this.queue.drain().then(() => {
+        this.handle.dispose();
+        this.onDispose();
+      });
+    }
+    return this.disposing;
+  }
+
+  /** @internal */
+  requireLive(): void {
+    if (this.disposing) throw new KvstashError('E_DISPOSED', 'the context was disposed; create a new one');
+  }
+
+  private enqueue<T>(signal: AbortSignal | undefined, operation: () => Promise<T>): Promise<T> {
+    try {
+      this.requireLive();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.queue.run(async () => {
+      this.requireLive();
+      return operation();
+    }, signal);
+  }
+
+  private sequenceOrAll(sequence: number | undefined): number {
+    if (sequence === undefined) return -1;
+    return this.checkSequence(sequence, 'sequence');
+  }
+
+  private checkSequence(sequence: unknown, name: string): number {
+    if (typeof sequence !== 'number' || !Number.isInteger(sequence)) throw new TypeError(`${name} must be an integer`);
+    if (sequence < 0 || sequence >= this.info.sequences) {
+      throw new KvstashError('E_SEQUENCE_INVALID', `${name} ${sequence} is outside this context's sequences [0, ${this.info.sequences})`);
+    }
+    return sequence;
+  }
+
+  private clearAfterFailedLoad(sequence: number): void {
+    if (sequence < 0) this.handle.memoryClear();
+    else this.handle.memoryRemove(sequence, -1, -1);
+  }
+
+  /** Resolves the decode options into one position, sequence and keep flag per token. */
+  private prepareBatch(tokens: Int32Array, options: DecodeOptions) {
+    const n = tokens.length;
+    if (n === 0) throw new RangeError('decode: tokens must not be empty');
+    const sequences = new Int32Array(n);
+    const seqOption = options.sequence ?? 0;
+    if (typeof seqOption === 'number') {
+      sequences.fill(this.checkSequence(seqOption, 'sequence'));
+    } else {
+      const given = toInt32Array(seqOption, 'sequence');
+      if (given.length !== n) throw new RangeError(`decode: sequence has ${given.length} entries for ${n} tokens`);
+      for (let i = 0; i < n; i++) sequences[i] = this.checkSequence(given[i], `sequence[${i}]`);
+    }
+
+    let positions: Int32Array;
+    if (options.positions !== undefined) {
+      if (options.start !== undefined) throw new TypeError('decode: give either start or positions, not both');
+      positions = toInt32Array(options.positions, 'positions');
+      if (positions.length !== n) throw new RangeError(`decode: positions has ${positions.length} entries for ${n} tokens`);
+    } else {
+      positions = new Int32Array(n);
+      const next = new Map<number, number>();
+      if (options.start !== undefined) {
+        requireInteger(options.start, 'start', 0);
+        // One start for all tokens of a sequence; with several sequences each counts from start.
+        for (let i = 0; i < n; i++) {
+          const s = sequences[i]!;
+          const p = next.get(s) ?? options.start;
+          positions[i] = p;
+          next.set(s, p + 1);
+        }
+      } else {
+        for (let i = 0; i < n; i++) {
+          const s = sequences[i]!;
+          const p = next.get(s) ?? this.handle.memoryRange(s)[1] + 1;
+          positions[i] = p;
+          next.set(s, p + 1);
+        }
+      }
+    }
+
+    const keep = new Uint8Array(n);
+    const selection = options.logits ?? 'last';
+    if (selection === 'last') keep[n - 1] = 1;
+    else if (selection === 'all') keep.fill(1);
+    else if (selection !== 'none') {
+      if (!Array.isArray(selection)) throw new TypeError("decode: logits must be 'last', 'all', 'none' or an array of indices");
+      for (const index of selection) {
+        requireInteger(index, 'logits index', -n, n - 1);
+        keep[index < 0 ? n + index : index] = 1;
+      }
+    }
+
+    const firstPosition = new Map<number, number>();
+    for (let i = 0; i < n; i++) if (!firstPosition.has(sequences[i]!)) firstPosition.set(sequences[i]!, positions[i]!);
+    return { tokens, positions, sequences, keep, firstPosition };
+  }
+}
+
+/** KV cache edits. Positions are token positions; `p1` is exclusive; omit a bound for an open range. */
+export class ContextMemory {
+  constructor(private readonly context: Context) {}
+
+  /** Copies positions [p0, p1) of `source` into `destination`. With a unified KV cache the cells are
+   * shared, not duplicated: no bytes move. */
+  copy(source: number, destination: number, p0?: number, p1?: number): void {
+    this.context.requireLive();
+    this.context.handle.memoryCopy(source, destination, p0 ?? -1, p1 ?? -1);
+  }
+
+  /** Removes positions [p0, p1) of `sequence` (every sequence when it is undefined). Returns false
+   * when llama.cpp cannot remove a partial range (recurrent models). */
+  remove(sequence?: number, p0?: number, p1?: number): boolean {
+    this.context.requireLive();
+    return this.context.handle.memoryRemove(sequence ?? -1, p0 ?? -1, p1 ?? -1);
+  }
+
+  /** Removes every sequence but `sequence`. */
+  keep(sequence: number): void {
+    this.context.requireLive();
+    this.context.handle.memoryKeep(sequence);
+  }
+
+  /** Empties the whole KV cache. */
+  clear(): void {
+    this.context.requireLive();
+    this.context.handle.memoryClear();
+  }
+
+  /** Adds `delta` to the positions [p0, p1) of `sequence` (needs a model whose memory can shift). */
+  shift(sequence: number, delta: number, p0?: number, p1?: number): void {
+    this.context.requireLive();
+    this.context.handle.memoryShift(sequence, p0 ?? -1, p1 ?? -1, delta);
+  }
+
+  /** Smallest and largest position held by `sequence`; both -1 when it is empty. */
+  range(sequence: number): { min: number; max: number } {
+    this.context.requireLive();
+    const [min, max] = this.context.handle.memoryRange(sequence);
+    return { min, max };
+  }
+}

@@ -1,0 +1,54 @@
+import fsp from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+
+let tempCounter = 0;
+
+/**
+ * Writes `file` so that a reader sees either its previous contents or the complete new ones, even
+ * when the process or the machine dies midway. The bytes go to a temporary file in the same
+ * directory (a rename is atomic only within one file system), which is fsynced, renamed over the
+ * target, and then the directory is fsynced so that the rename itself survives a power cut.
+ * On failure the temporary file is removed and the target is left as it was.
+ *
+ * `write` receives the open temporary file; it may write at any positions.
+ */
+export async function writeFileAtomic(file: string, write: (handle: FileHandle) => Promise<void>): Promise<void> {
+  // Hidden, and pid + counter: two writers in one process, or two processes, never share one.
+  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${tempCounter++}`);
+  const handle = await fsp.open(tmp, 'w');
+  try {
+    try {
+      await write(handle);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await fsp.rename(tmp, file);
+  } catch (err) {
+    await fsp.rm(tmp, { force: true }).catch(() => undefined);
+    throw err;
+  }
+  await syncDirectory(path.dirname(file));
+}
+
+/** Writes all of `bytes` at `position`; a regular file may accept fewer bytes per call than asked. */
+export async function writeFully(handle: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < bytes.byteLength) {
+    const { bytesWritten } = await handle.write(bytes, done, bytes.byteLength - done, position + done);
+    if (bytesWritten <= 0) throw new Error(`write returned ${bytesWritten} bytes at offset ${position + done}`);
+    done += bytesWritten;
+  }
+}
+
+async function syncDirectory(dir: string): Promise<void> {
+  // Windows cannot open a directory for fsync, and NTFS journals renames itself.
+  if (process.platform === 'win32') return;
+  const handle = await fsp.open(dir, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

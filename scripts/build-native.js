@@ -1,0 +1,63 @@
+#!/usr/bin/env node
+// Builds the native addon from source: fetch the pinned llama.cpp, then compile it and binding/
+// with cmake-js into build/Release/kvstash.node (where node-gyp-build finds a local build).
+//
+// Options (argv): --portable  build for a baseline CPU instead of this one (GGML_NATIVE off)
+//                 --out DIR   cmake-js build directory (default build/)
+// Every other argument is passed to cmake-js unchanged (e.g. --CDCMAKE_TOOLCHAIN_FILE=...).
+'use strict';
+
+const { spawnSync, execFileSync } = require('node:child_process');
+const os = require('node:os');
+const path = require('node:path');
+const { fetchLlama } = require('./fetch-llama.js');
+
+const root = path.resolve(__dirname, '..');
+
+function hasCommand(cmd) {
+  try {
+    execFileSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function buildNative(argv = []) {
+  fetchLlama();
+  const passThrough = argv.filter((a) => a !== '--portable');
+  const args = [
+    require.resolve('cmake-js/bin/cmake-js'),
+    'compile',
+    '--directory', root,
+    '--parallel', String(Math.max(1, os.availableParallelism ? os.availableParallelism() : os.cpus().length)),
+    `--CDKVSTASH_NATIVE=${argv.includes('--portable') ? 'OFF' : 'ON'}`,
+  ];
+  const env = { ...process.env };
+  // A compiler cache makes rebuilds of llama.cpp (minutes on 2 cores) take seconds, also across
+  // fresh clones in different directories: hence the base dir and no hashing of the cwd.
+  if (hasCommand('ccache') && !process.env.KVSTASH_NO_CCACHE) {
+    args.push('--CDCMAKE_C_COMPILER_LAUNCHER=ccache', '--CDCMAKE_CXX_COMPILER_LAUNCHER=ccache');
+    env.CCACHE_BASEDIR = root;
+    env.CCACHE_NOHASHDIR = '1';
+    env.CCACHE_SLOPPINESS = 'time_macros,include_file_mtime,include_file_ctime';
+  }
+  args.push(...passThrough);
+  const started = Date.now();
+  const result = spawnSync(process.execPath, args, { cwd: root, env, stdio: 'inherit' });
+  if (result.status !== 0) {
+    throw new Error(`cmake-js exited with ${result.status ?? result.signal}; see the compiler output above`);
+  }
+  process.stderr.write(`[kvstash] native build finished in ${((Date.now() - started) / 1000).toFixed(0)} s\n`);
+}
+
+module.exports = { buildNative };
+
+if (require.main === module) {
+  try {
+    buildNative(process.argv.slice(2));
+  } catch (err) {
+    process.stderr.write(`[kvstash] native build failed: ${err.message}\n`);
+    process.exit(1);
+  }
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env node
+// Obtains the pinned llama.cpp source for kvstash's native build.
+//
+// No repository host is reachable from our build machines, but the npm registry is, and the npm
+// package node-llama-cpp ships the complete llama.cpp tree as a git bundle. We fetch that tarball
+// with the ordinary npm client, check it against the integrity the registry publishes (pinned here,
+// so a changed tarball is refused), and clone the bundle into deps/llama.cpp.
+//
+// Idempotent: when deps/llama.cpp already holds the pinned commit, it returns at once.
+'use strict';
+
+const { execFileSync } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+
+const PIN = {
+  package: 'node-llama-cpp',
+  version: '3.22.1',
+  integrity:
+    'sha512-bltIipuWmc123H7tMIgDGKSsSrhmhlQYeVUC48XTjVW7XGJJiJJyCdlTMzQ/LiWoPkGDpcL4FviDpgw7qfTiDw==',
+  commit: 'de3ff815',
+  bundle: 'package/llama/gitRelease.bundle',
+};
+
+const root = path.resolve(__dirname, '..');
+const defaultTarget = path.join(root, 'deps', 'llama.cpp');
+
+function log(msg) {
+  process.stderr.write(`[kvstash] ${msg}\n`);
+}
+
+function headCommit(dir) {
+  try {
+    return execFileSync('git', ['-C', dir, 'rev-parse', 'HEAD'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+  } catch {
+    return null;
+  }
+}
+
+function isPresent(target) {
+  const head = headCommit(target);
+  return head !== null && head.startsWith(PIN.commit) && fs.existsSync(path.join(target, 'include', 'llama.h'));
+}
+
+function integrityOf(file) {
+  const digest = crypto.createHash('sha512').update(fs.readFileSync(file)).digest('base64');
+  return `sha512-${digest}`;
+}
+
+function fetchLlama(target = defaultTarget) {
+  if (isPresent(target)) return target;
+  const spec = `${PIN.package}@${PIN.version}`;
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'kvstash-llama-'));
+  try {
+    log(`fetching llama.cpp ${PIN.commit} from the npm package ${spec}`);
+    const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+    execFileSync(npm, ['pack', spec, '--silent', '--pack-destination', work], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const tarball = fs.readdirSync(work).find((f) => f.endsWith('.tgz'));
+    if (!tarball) throw new Error(`npm pack ${spec} produced no tarball`);
+    const actual = integrityOf(path.join(work, tarball));
+    if (actual !== PIN.integrity) {
+      throw new Error(`integrity mismatch for ${spec}: expected ${PIN.integrity}, got ${actual}. Refusing to build from it.`);
+    }
+    execFileSync('tar', ['-xzf', tarball, PIN.bundle], { cwd: work, stdio: 'inherit' });
+    fs.rmSync(target, { recursive: true, force: true });
+    fs.mkdirSync(path.dirname(target), { recursive: true });
+    // Clone into a temporary sibling and rename, so an interrupted fetch never leaves a half tree
+    // that isPresent() would accept.
+    const partial = `${target}.partial-${process.pid}`;
+    fs.rmSync(partial, { recursive: true, force: true });
+    execFileSync('git', ['-c', 'advice.detachedHead=false', 'clone', '--quiet', path.join(work, PIN.bundle), partial], { stdio: 'inherit' });
+    const head = headCommit(partial);
+    if (!head || !head.startsWith(PIN.commit)) throw new Error(`bundle HEAD is ${head}, expected ${PIN.commit}`);
+    fs.renameSync(partial, target);
+    log(`llama.cpp ready in ${path.relative(process.cwd(), target) || target}`);
+    return target;
+  } finally {
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+module.exports = { fetchLlama, PIN, defaultTarget };
+
+if (require.main === module) {
+  try {
+    fetchLlama(process.argv[2] ? path.resolve(process.argv[2]) : defaultTarget);
+  } catch (err) {
+    log(`could not obtain llama.cpp: ${err.message}`);
+    process.exit(1);
+  }
+}
