@@ -107,8 +107,11 @@ export class Context {
       const batch = this.prepareBatch(toInt32Array(tokens, 'tokens'), options);
       const abort = (): void => this.handle.abort();
       options.signal?.addEventListener('abort', abort, { once: true });
+      // The native call checks the batch synchronously and throws before starting; only a decode
+      // that started can have added cells that must be removed again.
+      const running = this.handle.decode(batch.tokens, batch.positions, batch.sequences, batch.keep, options.onProgress);
       try {
-        return await this.handle.decode(batch.tokens, batch.positions, batch.sequences, batch.keep, options.onProgress);
+        return await running;
       } catch (err) {
         for (const [sequence, first] of batch.firstPosition) this.handle.memoryRemove(sequence, first, -1);
         if (options.signal?.aborted && (err as KvstashError).code === 'E_ABORTED') throw abortError(options.signal);
@@ -217,10 +220,8 @@ export class Context {
     } catch (err) {
       return Promise.reject(err);
     }
-    return this.queue.run(async () => {
-      this.requireLive();
-      return operation();
-    }, signal);
+    // Operations accepted before dispose() still run: dispose() drains the queue before it frees.
+    return this.queue.run(operation, signal);
   }
 
   private sequenceOrAll(sequence: number | undefined): number {
