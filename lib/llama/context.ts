@@ -1,8 +1,8 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
-import path from 'node:path';
 import type { NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
 import { KvstashError } from '../errors.js';
+import { replaceFileAtomic } from '../util/atomic-file.js';
 import { requireInteger, requireString, toInt32Array } from '../util/validate.js';
 import type { Model } from './model.js';
 import { OperationQueue, abortError } from './queue.js';
@@ -144,20 +144,7 @@ export class Context {
     const tokens = toInt32Array(options.tokens ?? [], 'tokens');
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
-      const temporary = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${Date.now()}`);
-      try {
-        await this.handle.saveStateFile(temporary, sequence, tokens);
-        const handle = await fsp.open(temporary, 'r+');
-        try {
-          await handle.sync();
-        } finally {
-          await handle.close();
-        }
-        await fsp.rename(temporary, file);
-      } catch (err) {
-        await fsp.rm(temporary, { force: true });
-        throw err;
-      }
+      await replaceFileAtomic(file, (temporary) => this.handle.saveStateFile(temporary, sequence, tokens));
       return { bytes: (await fsp.stat(file)).size };
     });
   }

@@ -1,7 +1,6 @@
-import fsp from 'node:fs/promises';
-import path from 'node:path';
 import { native } from '../binding.js';
 import { readGgufHeader } from '../models/gguf.js';
+import { replaceFileAtomic } from '../util/atomic-file.js';
 import { requireString } from '../util/validate.js';
 
 export type QuantizeType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0' | 'q5_0' | 'q4_k' | 'q5_k' | 'q6_k';
@@ -14,12 +13,5 @@ export async function quantizeModel(source: string, destination: string, type: Q
   requireString(source, 'source');
   requireString(destination, 'destination');
   await readGgufHeader(source);
-  const temporary = path.join(path.dirname(destination), `.${path.basename(destination)}.tmp-${process.pid}-${Date.now()}`);
-  try {
-    await native().quantize(source, temporary, type, options.threads ?? 0);
-    await fsp.rename(temporary, destination);
-  } catch (err) {
-    await fsp.rm(temporary, { force: true });
-    throw err;
-  }
+  await replaceFileAtomic(destination, (temporary) => native().quantize(source, temporary, type, options.threads ?? 0));
 }

@@ -5,21 +5,22 @@ import path from 'node:path';
 let tempCounter = 0;
 
 /**
- * Writes `file` so that a reader sees either its previous contents or the complete new ones, even
- * when the process or the machine dies midway. The bytes go to a temporary file in the same
- * directory (a rename is atomic only within one file system), which is fsynced, renamed over the
- * target, and then the directory is fsynced so that the rename itself survives a power cut.
- * On failure the temporary file is removed and the target is left as it was.
+ * Makes `file` appear atomically: a reader sees either its previous contents or the complete new
+ * ones, even when the process or the machine dies midway. `produce` writes a temporary file in the
+ * same directory (a rename is atomic only within one file system), which is then fsynced, renamed
+ * over the target, and the directory fsynced so that the rename itself survives a power cut. On
+ * failure the temporary file is removed and the target is left as it was.
  *
- * `write` receives the open temporary file; it may write at any positions.
+ * `produce` gets the temporary path, so native writers (llama.cpp's state files, its quantizer)
+ * can write it themselves.
  */
-export async function writeFileAtomic(file: string, write: (handle: FileHandle) => Promise<void>): Promise<void> {
+export async function replaceFileAtomic(file: string, produce: (temporaryPath: string) => Promise<void>): Promise<void> {
   // Hidden, and pid + counter: two writers in one process, or two processes, never share one.
   const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${tempCounter++}`);
-  const handle = await fsp.open(tmp, 'w');
   try {
+    await produce(tmp);
+    const handle = await fsp.open(tmp, 'r+');
     try {
-      await write(handle);
       await handle.sync();
     } finally {
       await handle.close();
@@ -30,6 +31,19 @@ export async function writeFileAtomic(file: string, write: (handle: FileHandle) 
     throw err;
   }
   await syncDirectory(path.dirname(file));
+}
+
+/** replaceFileAtomic for bytes written from JS: `write` receives the open temporary file and may
+ * write at any positions. */
+export function writeFileAtomic(file: string, write: (handle: FileHandle) => Promise<void>): Promise<void> {
+  return replaceFileAtomic(file, async (tmp) => {
+    const handle = await fsp.open(tmp, 'w');
+    try {
+      await write(handle);
+    } finally {
+      await handle.close();
+    }
+  });
 }
 
 /** Writes all of `bytes` at `position`; a regular file may accept fewer bytes per call than asked. */
