@@ -2,6 +2,7 @@
 #include <napi.h>
 
 #include "common/AddonData.h"
+#include "common/Checksum.h"
 #include "common/Errors.h"
 #include "llama/LlamaBackend.h"
 #include "llama/LlamaContext.h"
@@ -25,6 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("LlamaContext", context);
   exports.Set("LlamaSampler", LlamaSampler::DefineClass(env));
   exports.Set("loadModel", Napi::Function::New<LlamaModel::Load>(env, "loadModel"));
+  exports.Set("checksum", Napi::Function::New<Checksum>(env, "checksum"));
   exports.Set("quantize", Napi::Function::New<Quantize>(env, "quantize"));
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("setLogLevel", Napi::Function::New<SetLogLevel>(env, "setLogLevel"));

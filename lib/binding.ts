@@ -91,6 +91,7 @@ export interface NativeContext {
   loadStateFile(path: string, sequence: number): Promise<Int32Array>;
   exportState(sequence: number): Promise<Buffer>;
   importState(bytes: Uint8Array, sequence: number): Promise<void>;
+  importVerifiedStateFile(path: string, sequence: number, checkedLength: number, expected: bigint, payloadOffset: number, payloadLength: number): Promise<void>;
   dispose(): void;
 }
 
@@ -117,6 +118,8 @@ export interface NativeSampler {
 export interface NativeBinding {
   LlamaSampler: new (options: NativeSamplerOptions) => NativeSampler;
   loadModel(path: string, options: { useMmap?: boolean }, onProgress?: ProgressCallback): Promise<NativeModel>;
+  /** XXH64 (seed 0) of the parts, concatenated. */
+  checksum(parts: readonly Uint8Array[]): Promise<bigint>;
   quantize(source: string, destination: string, type: string, threads: number): Promise<void>;
   setErrorClass(errorClass: typeof KvstashError): void;
   setLogLevel(level: number): void;

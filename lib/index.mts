@@ -15,6 +15,14 @@ export const {
   SYNTHETIC_SHAPES,
   fingerprintModel,
   FINGERPRINT_SCHEME,
+  PromptCache,
+  commonPrefix,
+  DirectoryStore,
+  readEntryFile,
+  readVerifiedEntry,
+  ENTRY_VERSION,
+  generate,
+  Generation,
   systemInfo,
 } = kvstash;
 export type * from './index.js';

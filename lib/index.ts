@@ -18,4 +18,17 @@ export { Sampler, type SamplingOptions } from './llama/sampler.js';
 export { quantizeModel, type QuantizeType } from './llama/quantize.js';
 export { writeSyntheticModel, SYNTHETIC_SHAPES } from './models/synthetic.js';
 export { fingerprintModel, FINGERPRINT_SCHEME } from './models/fingerprint.js';
+export {
+  PromptCache,
+  commonPrefix,
+  type PromptCacheOptions,
+  type CacheEntryInfo,
+  type CacheStats,
+  type CacheTier,
+  type CacheProblem,
+  type RestoreResult,
+} from './cache/prompt-cache.js';
+export { DirectoryStore, type CacheStore, type StoredEntry } from './cache/store.js';
+export { readEntryFile, readVerifiedEntry, ENTRY_VERSION, type EntryHeader, type EntryFile } from './cache/entry.js';
+export { generate, Generation, type GenerateOptions, type GenerationResult, type FinishReason } from './generate/generate.js';
 export { systemInfo } from './system.js';

@@ -1,12 +1,17 @@
 #include "llama/LlamaContext.h"
 
 #include <cmath>
+#include <cerrno>
 #include <cstring>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "common/AddonData.h"
+#include "common/Checksum.h"
 #include "common/Errors.h"
 #include "common/ProgressReporter.h"
 #include "common/PromiseWorker.h"
@@ -180,6 +185,7 @@ Napi::Function LlamaContext::DefineClass(Napi::Env env) {
           InstanceMethod<&LlamaContext::LoadStateFile>("loadStateFile"),
           InstanceMethod<&LlamaContext::ExportState>("exportState"),
           InstanceMethod<&LlamaContext::ImportState>("importState"),
+          InstanceMethod<&LlamaContext::ImportVerifiedStateFile>("importVerifiedStateFile"),
           InstanceMethod<&LlamaContext::Dispose>("dispose"),
       });
 }
@@ -210,6 +216,7 @@ void LlamaContext::WaitIdleAndFree() {
   ctx_ = nullptr;
   model_.reset();
   outputs_ = DecodeOutputs();
+  std::vector<uint8_t>().swap(importScratch_);
 }
 
 void LlamaContext::RequireLive(Napi::Env env) const {
@@ -681,6 +688,87 @@ Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
   if (bytes.ByteLength() == 0) throw MakeError(env, "E_STATE_LOAD", "importState: the state is empty");
   BeginOperation(env);
   return (new StateImportWorker(env, this, bytes, seq))->Start();
+}
+
+// Reads a file region, verifies its XXH64 and imports a sub-range as sequence state, all on the
+// worker thread and in one pass over the bytes: each chunk is hashed right after it is read, while
+// it is still in the CPU cache. lib/cache decides what the ranges mean (the entry format); this
+// only guarantees that llama.cpp never sees a byte that failed the check.
+class StateImportVerifiedFileWorker : public ContextWorker {
+ public:
+  StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
+                                uint64_t checkedLength, uint64_t expected, uint64_t payloadOffset,
+                                uint64_t payloadLength, std::vector<uint8_t>* scratch)
+      : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
+        checkedLength_(checkedLength), expected_(expected), payloadOffset_(payloadOffset),
+        payloadLength_(payloadLength), scratch_(scratch) {}
+
+ protected:
+  void Work(llama_context* ctx) override {
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw NativeError("E_CACHE_CORRUPT", "cannot open cache entry " + path_ + ": " + std::strerror(errno));
+    struct CloseOnExit {
+      int fd;
+      ~CloseOnExit() { ::close(fd); }
+    } closer{fd};
+    // The buffer is reused across restores: a fresh multi-megabyte allocation would page-fault on
+    // every first touch, which costs as much as the read itself.
+    if (scratch_->size() < checkedLength_) scratch_->resize(checkedLength_);
+    uint8_t* buffer = scratch_->data();
+    Xxh64 hash;
+    constexpr uint64_t kChunk = 1 << 20;
+    for (uint64_t done = 0; done < checkedLength_;) {
+      const uint64_t want = std::min(kChunk, checkedLength_ - done);
+      const ssize_t got = ::pread(fd, buffer + done, want, static_cast<off_t>(done));
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path_ + ": " + std::strerror(errno));
+      }
+      if (got == 0) throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " is truncated");
+      hash.Update(buffer + done, static_cast<size_t>(got));
+      done += static_cast<uint64_t>(got);
+    }
+    if (hash.Digest() != expected_) {
+      throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " failed its checksum: its bytes changed after it was written");
+    }
+    const uint8_t* payload = buffer + payloadOffset_;
+    const size_t read = seq_ < 0 ? llama_state_set_data(ctx, payload, payloadLength_)
+                                 : llama_state_seq_set_data(ctx, payload, payloadLength_, seq_);
+    if (read == 0) {
+      throw NativeError("E_CACHE_MISMATCH",
+                        WithLlamaReason("llama.cpp refused the state in " + path_ +
+                                        " (its layout does not match this context)"));
+    }
+  }
+
+ private:
+  std::string path_;
+  llama_seq_id seq_;
+  uint64_t checkedLength_, expected_, payloadOffset_, payloadLength_;
+  std::vector<uint8_t>* scratch_;
+};
+
+// importVerifiedStateFile(path, seq, checkedLength, expected: bigint, payloadOffset, payloadLength)
+Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireIdle(env);
+  if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsBigInt() || !info[4].IsNumber() || !info[5].IsNumber()) {
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, expected, payloadOffset, payloadLength)");
+  }
+  llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
+  const double checked = info[2].As<Napi::Number>().DoubleValue();
+  bool lossless = false;
+  const uint64_t expected = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  const double offset = info[4].As<Napi::Number>().DoubleValue();
+  const double length = info[5].As<Napi::Number>().DoubleValue();
+  if (!lossless || checked < 0 || offset < 0 || length <= 0 || offset + length > checked || checked > 9.0e15) {
+    throw Napi::RangeError::New(env, "importVerifiedStateFile: the payload must lie inside the checked range");
+  }
+  BeginOperation(env);
+  return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
+                                            expected, static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
+                                            &importScratch_))
+      ->Start();
 }
 
 Napi::Value LlamaContext::Dispose(const Napi::CallbackInfo& info) {

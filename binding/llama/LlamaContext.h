@@ -79,6 +79,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   Napi::Value LoadStateFile(const Napi::CallbackInfo& info);
   Napi::Value ExportState(const Napi::CallbackInfo& info);
   Napi::Value ImportState(const Napi::CallbackInfo& info);
+  Napi::Value ImportVerifiedStateFile(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
 
   ModelHandle model_;
@@ -95,6 +96,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   int32_t threads_ = 0;
 
   DecodeOutputs outputs_;
+  std::vector<uint8_t> importScratch_;  // reused by verified imports
   std::atomic<bool> busy_{false};
   std::atomic<bool> abort_{false};
   // `running_` is true from the start of a slow operation until its worker thread has left

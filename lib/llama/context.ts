@@ -109,10 +109,14 @@ export class Context {
       options.signal?.addEventListener('abort', abort, { once: true });
       // The native call checks the batch synchronously and throws before starting; only a decode
       // that started can have added cells that must be removed again.
-      const running = this.handle.decode(batch.tokens, batch.positions, batch.sequences, batch.keep, options.onProgress);
+      const progress = orderedProgress(options.onProgress);
+      const running = this.handle.decode(batch.tokens, batch.positions, batch.sequences, batch.keep, progress?.report);
       try {
-        return await running;
+        const outputs = await running;
+        progress?.finish(batch.tokens.length);
+        return outputs;
       } catch (err) {
+        progress?.cancel();
         for (const [sequence, first] of batch.firstPosition) this.handle.memoryRemove(sequence, first, -1);
         if (options.signal?.aborted && (err as KvstashError).code === 'E_ABORTED') throw abortError(options.signal);
         throw err;
@@ -178,6 +182,36 @@ export class Context {
       const sequence = this.sequenceOrAll(options.sequence);
       try {
         await this.handle.importState(bytes, sequence);
+      } catch (err) {
+        this.clearAfterFailedLoad(sequence);
+        throw err;
+      }
+    });
+  }
+
+  /**
+   * Runs `work` when no other operation runs on this context (after everything queued before it).
+   * Memory edits and reads that must not meet a running decode go here. `work` must not wait for
+   * another operation of this context: that one would queue behind it.
+   */
+  exclusive<T>(work: () => T): Promise<T> {
+    return this.enqueue(undefined, async () => work());
+  }
+
+  /**
+   * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies their XXH64
+   * against `checksum`, and imports [payloadOffset, payloadOffset + payloadBytes) as state. Not a
+   * byte reaches llama.cpp unless the whole range verified.
+   */
+  importVerifiedFile(
+    file: string,
+    ranges: { checkedLength: number; checksum: bigint; payloadOffset: number; payloadBytes: number },
+    options: SequenceOptions = {},
+  ): Promise<void> {
+    return this.enqueue(undefined, async () => {
+      const sequence = this.sequenceOrAll(options.sequence);
+      try {
+        await this.handle.importVerifiedStateFile(file, sequence, ranges.checkedLength, ranges.checksum, ranges.payloadOffset, ranges.payloadBytes);
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
         throw err;
@@ -330,4 +364,29 @@ export class ContextMemory {
     const [min, max] = this.context.handle.memoryRange(sequence);
     return { min, max };
   }
+}
+
+/**
+ * Progress reports travel from the worker thread on their own queue and can arrive after the
+ * decode's promise settled. This wrapper delivers them in increasing order, always ends with
+ * (total, total) before the promise resolves, and drops whatever arrives later.
+ */
+function orderedProgress(onProgress: ((done: number, total: number) => void) | undefined) {
+  if (!onProgress) return undefined;
+  let last = 0;
+  let open = true;
+  return {
+    report(done: number, total: number): void {
+      if (!open || done <= last) return;
+      last = done;
+      onProgress(done, total);
+    },
+    finish(total: number): void {
+      if (open && last < total) onProgress(total, total);
+      open = false;
+    },
+    cancel(): void {
+      open = false;
+    },
+  };
 }

@@ -1,0 +1,155 @@
+#include "common/Checksum.h"
+
+#include <cstring>
+#include <vector>
+
+#include "common/PromiseWorker.h"
+
+namespace kvstash {
+
+namespace {
+
+constexpr uint64_t kPrime1 = 0x9E3779B185EBCA87ULL;
+constexpr uint64_t kPrime2 = 0xC2B2AE3D27D4EB4FULL;
+constexpr uint64_t kPrime3 = 0x165667B19E3779F9ULL;
+constexpr uint64_t kPrime4 = 0x85EBCA77C2B2AE63ULL;
+constexpr uint64_t kPrime5 = 0x27D4EB2F165667C5ULL;
+
+inline uint64_t RotateLeft(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+// Little-endian loads; memcpy compiles to a plain load and is safe for unaligned input.
+inline uint64_t Load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline uint32_t Load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline uint64_t Round(uint64_t acc, uint64_t lane) {
+  acc += lane * kPrime2;
+  acc = RotateLeft(acc, 31);
+  return acc * kPrime1;
+}
+
+inline uint64_t MergeRound(uint64_t acc, uint64_t value) {
+  acc ^= Round(0, value);
+  return acc * kPrime1 + kPrime4;
+}
+
+}  // namespace
+
+Xxh64::Xxh64(uint64_t seed) : seed_(seed) {
+  acc_[0] = seed + kPrime1 + kPrime2;
+  acc_[1] = seed + kPrime2;
+  acc_[2] = seed;
+  acc_[3] = seed - kPrime1;
+}
+
+void Xxh64::Update(const uint8_t* data, size_t size) {
+  total_ += size;
+  if (pendingSize_ > 0) {
+    const size_t take = std::min(size, sizeof(pending_) - pendingSize_);
+    std::memcpy(pending_ + pendingSize_, data, take);
+    pendingSize_ += take;
+    data += take;
+    size -= take;
+    if (pendingSize_ < sizeof(pending_)) return;
+    for (int lane = 0; lane < 4; ++lane) acc_[lane] = Round(acc_[lane], Load64(pending_ + 8 * lane));
+    pendingSize_ = 0;
+  }
+  // Four independent lanes: the multiplications of one 32-byte stripe overlap in the pipeline.
+  uint64_t a0 = acc_[0], a1 = acc_[1], a2 = acc_[2], a3 = acc_[3];
+  while (size >= 32) {
+    a0 = Round(a0, Load64(data));
+    a1 = Round(a1, Load64(data + 8));
+    a2 = Round(a2, Load64(data + 16));
+    a3 = Round(a3, Load64(data + 24));
+    data += 32;
+    size -= 32;
+  }
+  acc_[0] = a0, acc_[1] = a1, acc_[2] = a2, acc_[3] = a3;
+  std::memcpy(pending_, data, size);
+  pendingSize_ = size;
+}
+
+uint64_t Xxh64::Digest() const {
+  uint64_t h;
+  if (total_ >= 32) {
+    h = RotateLeft(acc_[0], 1) + RotateLeft(acc_[1], 7) + RotateLeft(acc_[2], 12) + RotateLeft(acc_[3], 18);
+    for (int lane = 0; lane < 4; ++lane) h = MergeRound(h, acc_[lane]);
+  } else {
+    h = seed_ + kPrime5;
+  }
+  h += total_;
+  const uint8_t* p = pending_;
+  size_t left = pendingSize_;
+  while (left >= 8) {
+    h ^= Round(0, Load64(p));
+    h = RotateLeft(h, 27) * kPrime1 + kPrime4;
+    p += 8;
+    left -= 8;
+  }
+  if (left >= 4) {
+    h ^= static_cast<uint64_t>(Load32(p)) * kPrime1;
+    h = RotateLeft(h, 23) * kPrime2 + kPrime3;
+    p += 4;
+    left -= 4;
+  }
+  while (left > 0) {
+    h ^= (*p) * kPrime5;
+    h = RotateLeft(h, 11) * kPrime1;
+    ++p;
+    --left;
+  }
+  h ^= h >> 33;
+  h *= kPrime2;
+  h ^= h >> 29;
+  h *= kPrime3;
+  h ^= h >> 32;
+  return h;
+}
+
+namespace {
+
+class ChecksumWorker : public PromiseWorker {
+ public:
+  ChecksumWorker(Napi::Env env, Napi::Array parts) : PromiseWorker(env, "kvstash.checksum") {
+    for (uint32_t i = 0; i < parts.Length(); ++i) {
+      Napi::Value part = parts.Get(i);
+      if (!part.IsTypedArray() || part.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+        throw Napi::TypeError::New(env, "checksum: every part must be a Uint8Array");
+      }
+      Napi::Uint8Array bytes = part.As<Napi::Uint8Array>();
+      spans_.push_back({bytes.Data(), bytes.ByteLength()});
+      // Pinned until the worker is destroyed: the worker thread reads them in place.
+      pins_.push_back(Napi::Persistent(static_cast<Napi::Object>(bytes)));
+    }
+  }
+
+ protected:
+  void Run() override {
+    Xxh64 hash;
+    for (const auto& span : spans_) hash.Update(span.first, span.second);
+    digest_ = hash.Digest();
+  }
+
+  Napi::Value Result(Napi::Env env) override { return Napi::BigInt::New(env, digest_); }
+
+ private:
+  std::vector<std::pair<const uint8_t*, size_t>> spans_;
+  std::vector<Napi::ObjectReference> pins_;
+  uint64_t digest_ = 0;
+};
+
+}  // namespace
+
+Napi::Value Checksum(const Napi::CallbackInfo& info) {
+  if (!info[0].IsArray()) throw Napi::TypeError::New(info.Env(), "checksum(parts: Uint8Array[])");
+  return (new ChecksumWorker(info.Env(), info[0].As<Napi::Array>()))->Start();
+}
+
+}  // namespace kvstash

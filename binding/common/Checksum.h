@@ -1,0 +1,31 @@
+// XXH64, written from the published xxHash specification: the checksum of kvstash cache entries.
+// Chosen for speed (several GB/s on one core, x86-64 and aarch64 alike, no special instructions):
+// a restore verifies every byte of a multi-megabyte state before llama.cpp sees it, and the check
+// must cost less than reading the file. It detects corruption, not tampering.
+#pragma once
+
+#include <napi.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvstash {
+
+class Xxh64 {
+ public:
+  explicit Xxh64(uint64_t seed = 0);
+  void Update(const uint8_t* data, size_t size);
+  uint64_t Digest() const;
+
+ private:
+  uint64_t acc_[4];
+  uint64_t seed_;
+  uint64_t total_ = 0;
+  uint8_t pending_[32];
+  size_t pendingSize_ = 0;
+};
+
+// checksum(parts: Uint8Array[]) -> Promise<bigint>: XXH64 (seed 0) of the parts concatenated.
+Napi::Value Checksum(const Napi::CallbackInfo& info);
+
+}  // namespace kvstash

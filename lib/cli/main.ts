@@ -1,0 +1,181 @@
+#!/usr/bin/env node
+/**
+ * The `kvstash` command. Subcommands live in a table; each declares its flags, so parsing, usage
+ * text and validation are written once here. Exit codes: 0 success, 1 failure, 2 bad usage,
+ * 130 interrupted (SIGINT), as shells expect.
+ */
+import { isKvstashError } from '../errors.js';
+import { demoCommand } from './demo.js';
+
+export type FlagType = 'string' | 'integer' | 'boolean';
+
+export interface FlagSpec {
+  type: FlagType;
+  /** What the value is called in the usage text, e.g. 'path.gguf'. */
+  value?: string;
+  help: string;
+  /** Bounds of an integer flag, inclusive; a value outside is a usage error. Default 0 and 2^53-1. */
+  min?: number;
+  max?: number;
+}
+
+export type FlagSpecs = Readonly<Record<string, FlagSpec>>;
+
+type FlagValue<T extends FlagType> = T extends 'string' ? string : T extends 'integer' ? number : boolean;
+
+/** Parsed flags: a key is present only when the flag was given. */
+export type Flags<S extends FlagSpecs> = { -readonly [K in keyof S]?: FlagValue<S[K]['type']> };
+
+export interface CommandIo {
+  /** Aborted on the first SIGINT; commands stop their running work and clean up. */
+  signal: AbortSignal;
+}
+
+export interface Command<S extends FlagSpecs = FlagSpecs> {
+  summary: string;
+  flags: S;
+  /** Resolves with the exit code. */
+  run(flags: Flags<S>, io: CommandIo): Promise<number>;
+}
+
+/** A wrong command line: the message and the usage text go to stderr, exit code 2. */
+export class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly command?: string,
+  ) {
+    super(message);
+    this.name = 'UsageError';
+  }
+}
+
+const helpCommand: Command = {
+  summary: 'Show this help, or the options of one command: kvstash help <command>',
+  flags: {},
+  run: async () => 0, // handled in main(): it needs the positional command name
+};
+
+const COMMANDS: Readonly<Record<string, Command>> = {
+  demo: demoCommand,
+  help: helpCommand,
+};
+
+export function usage(commandName?: string): string {
+  const command = commandName === undefined ? undefined : COMMANDS[commandName];
+  if (commandName === undefined || command === undefined) {
+    const width = Math.max(...Object.keys(COMMANDS).map((name) => name.length));
+    const rows = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(width)}  ${c.summary}`);
+    return ['Usage: kvstash <command> [options]', '', 'Commands:', ...rows, '', 'Run `kvstash help <command>` for its options.'].join('\n');
+  }
+  const flags = Object.entries(command.flags).map(([name, spec]) => {
+    const left = spec.type === 'boolean' ? `--${name}` : `--${name} ${spec.value ?? (spec.type === 'integer' ? 'N' : 'value')}`;
+    return [left, spec.help] as const;
+  });
+  const width = Math.max(0, ...flags.map(([left]) => left.length));
+  const lines = [`Usage: kvstash ${commandName}${flags.length > 0 ? ' [options]' : ''}`, '', command.summary];
+  if (flags.length > 0) lines.push('', 'Options:', ...flags.map(([left, help]) => `  ${left.padEnd(width)}  ${help}`));
+  return lines.join('\n');
+}
+
+/** Parses `--name value`, `--name=value` and boolean `--name`; anything else is a UsageError. */
+export function parseFlags<S extends FlagSpecs>(commandName: string, specs: S, args: readonly string[]): Flags<S> {
+  const flags: Record<string, string | number | boolean> = {};
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (!arg.startsWith('--') || arg === '--') throw new UsageError(`unexpected argument '${arg}'`, commandName);
+    const eq = arg.indexOf('=');
+    const name = arg.slice(2, eq < 0 ? undefined : eq);
+    const spec = Object.prototype.hasOwnProperty.call(specs, name) ? specs[name] : undefined;
+    if (spec === undefined) throw new UsageError(`unknown option '--${name}'`, commandName);
+    if (name in flags) throw new UsageError(`--${name} given twice`, commandName);
+    if (spec.type === 'boolean') {
+      if (eq >= 0) throw new UsageError(`--${name} takes no value`, commandName);
+      flags[name] = true;
+      continue;
+    }
+    let text: string | undefined = eq < 0 ? args[++i] : arg.slice(eq + 1);
+    if (text === undefined || (eq < 0 && text.startsWith('--'))) throw new UsageError(`--${name} needs a value`, commandName);
+    if (spec.type === 'integer') {
+      if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text))) {
+        throw new UsageError(`--${name} must be a whole number, got '${text}'`, commandName);
+      }
+      const value = Number(text);
+      const min = spec.min ?? 0;
+      const max = spec.max ?? Number.MAX_SAFE_INTEGER;
+      if (value < min || value > max) throw new UsageError(`--${name} must be in [${min}, ${max}], got ${value}`, commandName);
+      flags[name] = value;
+    } else {
+      if (text.length === 0) throw new UsageError(`--${name} must not be empty`, commandName);
+      flags[name] = text;
+    }
+  }
+  return flags as Flags<S>;
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === 'help' || name === '--help' || name === '-h') {
+    const topic = name === 'help' ? rest[0] : undefined;
+    if (topic !== undefined && (COMMANDS[topic] === undefined || rest.length > 1)) throw new UsageError(`no command '${rest.join(' ')}'`);
+    process.stdout.write(`${usage(topic)}\n`);
+    return 0;
+  }
+  const command = Object.prototype.hasOwnProperty.call(COMMANDS, name) ? COMMANDS[name] : undefined;
+  if (command === undefined) throw new UsageError(`unknown command '${name}'`);
+  if (rest.includes('--help') || rest.includes('-h')) {
+    process.stdout.write(`${usage(name)}\n`);
+    return 0;
+  }
+  const flags = parseFlags(name, command.flags, rest);
+
+  const controller = new AbortController();
+  const onSigint = (): void => {
+    // A second Ctrl-C means "now": do not wait for the cleanup of the first.
+    if (controller.signal.aborted) process.exit(130);
+    controller.abort(new Error('interrupted (SIGINT)'));
+  };
+  process.on('SIGINT', onSigint);
+  try {
+    return await command.run(flags, { signal: controller.signal });
+  } catch (err) {
+    if (controller.signal.aborted) {
+      process.stderr.write('kvstash: interrupted\n');
+      return 130;
+    }
+    throw err;
+  } finally {
+    process.off('SIGINT', onSigint);
+  }
+}
+
+/** Prints an error for a person: coded and system errors as one line, anything else (a bug) with its stack. */
+function report(err: unknown): number {
+  if (err instanceof UsageError) {
+    process.stderr.write(`kvstash: ${err.message}\n\n${usage(err.command)}\n`);
+    return 2;
+  }
+  if (isKvstashError(err)) {
+    process.stderr.write(`kvstash: ${err.code}: ${err.message}\n`);
+    return 1;
+  }
+  const system = err as NodeJS.ErrnoException;
+  if (err instanceof Error && typeof system.code === 'string' && typeof system.syscall === 'string') {
+    process.stderr.write(`kvstash: ${system.code}: ${err.message}\n`);
+    return 1;
+  }
+  process.stderr.write(`kvstash: unexpected error (please report it): ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  return 1;
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      // An interrupted command may leave native work (a quantize, say) that would keep the process alive.
+      if (code === 130) process.exit(code);
+      process.exitCode = code;
+    },
+    (err: unknown) => {
+      process.exitCode = report(err);
+    },
+  );
+}
