@@ -1,0 +1,520 @@
+/**
+ * PromptCache: finds the longest cached prefix of a prompt and puts it into a context sequence.
+ *
+ * Tiers, fastest first: a sequence of the same context that already holds the prefix (copied
+ * with memory.copy: with a unified KV cache no bytes move) → RAM (state buffers, LRU) → disk
+ * (entry files, LRU, shared safely between processes) → an optional shared CacheStore.
+ * A cache problem is never fatal: it is counted, emitted as a 'problem' event, and the caller
+ * falls back to evaluating the prompt.
+ */
+import { EventEmitter } from 'node:events';
+import path from 'node:path';
+import { KvstashError, type KvstashErrorCode } from '../errors.js';
+import type { Context } from '../llama/context.js';
+import { requireInteger, toInt32Array } from '../util/validate.js';
+import { userCacheDir } from '../util/paths.js';
+import { decodeEntry, encodeEntry, entryKey, writeEntry, readVerifiedEntry, type EntryFile, type EntryHeader } from './entry.js';
+import { contextIdentity, mismatchReason, type EntryIdentity } from './identity.js';
+import { DirectoryStore, type CacheStore } from './store.js';
+
+export type CacheTier = 'resident' | 'ram' | 'disk' | 'store';
+
+export interface PromptCacheOptions {
+  /** Directory of the disk tier; null disables it. Default `<user cache dir>/kvstash/prompt-cache`. */
+  dir?: string | null;
+  /** Disk tier budget; least recently used entries go first. Default 4 GiB. Unit: bytes. */
+  maxDiskBytes?: number;
+  /** RAM tier budget; least recently used state buffers go first. Default 512 MiB; 0 disables. Unit: bytes. */
+  maxRamBytes?: number;
+  /** A shared store consulted after the disk tier (and written to on save). Default none. */
+  store?: CacheStore;
+  /** Shorter prefixes are neither saved nor restored: evaluating them is as fast. Default 16. Unit: tokens. */
+  minTokens?: number;
+}
+
+export interface CacheEntryInfo {
+  key: string;
+  label: string | null;
+  tokenCount: number;
+  /** Size of the entry file (or, RAM only, of the state). Unit: bytes. */
+  bytes: number;
+  createdAt: string;
+  tiers: CacheTier[];
+  model: EntryHeader['model'];
+  layout: EntryHeader['layout'];
+  /** The entry file, when it is on disk. */
+  path?: string;
+}
+
+export interface RestoreResult {
+  /** Tokens of the prompt now held by the sequence, restored rather than evaluated. */
+  cachedTokens: number;
+  /** Where they came from; null on a miss. */
+  tier: CacheTier | null;
+  /** The entry used, when the tier is not 'resident'. */
+  key?: string;
+  /** True when only part of the cached entry matched the prompt (it was trimmed). */
+  partial: boolean;
+  restoreMs: number;
+}
+
+export interface CacheProblem {
+  code: Extract<KvstashErrorCode, 'E_CACHE_CORRUPT' | 'E_CACHE_MISMATCH' | 'E_STATE_LOAD' | 'E_STATE_SAVE'> | string;
+  message: string;
+  key?: string;
+  path?: string;
+}
+
+export interface CacheStats {
+  entries: { ram: number; disk: number };
+  bytes: { ram: number; disk: number };
+  /** Tokens held by distinct entries across RAM and disk. */
+  tokensStored: number;
+  hits: Record<CacheTier, number>;
+  partialHits: number;
+  misses: number;
+  /** Hits / lookups. */
+  hitRate: number;
+  /** Prompt tokens that were restored instead of evaluated. */
+  prefillTokensSaved: number;
+  /** Total time spent restoring. Unit: ms. */
+  restoreMs: number;
+  problems: { corrupt: number; mismatch: number; other: number };
+}
+
+interface RamItem {
+  header: EntryHeader;
+  payload: Buffer;
+  lastUsed: number;
+}
+
+interface Candidate {
+  tier: CacheTier;
+  length: number;
+  entryTokens: number;
+  key?: string;
+  sourceSequence?: number;
+  ram?: RamItem;
+  file?: { path: string; entry: EntryFile };
+}
+
+const TIER_ORDER: Record<CacheTier, number> = { resident: 0, ram: 1, disk: 2, store: 3 };
+
+export class PromptCache extends EventEmitter {
+  readonly dir: string | null;
+  readonly maxDiskBytes: number;
+  readonly maxRamBytes: number;
+  readonly minTokens: number;
+  private readonly disk: DirectoryStore | null;
+  private readonly store: CacheStore | undefined;
+  private readonly ram = new Map<string, RamItem>();
+  /** What each sequence of a context holds, as far as the cache put it there. */
+  private readonly resident = new WeakMap<Context, Map<number, Int32Array>>();
+  private readonly reported = new Set<string>();
+  private readonly pendingWrites = new Set<Promise<unknown>>();
+  private diskSummary = { entries: 0, bytes: 0, tokens: 0 };
+  private counters = {
+    hits: { resident: 0, ram: 0, disk: 0, store: 0 } as Record<CacheTier, number>,
+    partialHits: 0,
+    misses: 0,
+    prefillTokensSaved: 0,
+    restoreMs: 0,
+    problems: { corrupt: 0, mismatch: 0, other: 0 },
+  };
+
+  constructor(options: PromptCacheOptions = {}) {
+    super();
+    this.dir = options.dir === null ? null : path.resolve(options.dir ?? path.join(userCacheDir(), 'prompt-cache'));
+    this.maxDiskBytes = requireInteger(options.maxDiskBytes ?? 4 * 2 ** 30, 'maxDiskBytes', 0);
+    this.maxRamBytes = requireInteger(options.maxRamBytes ?? 512 * 2 ** 20, 'maxRamBytes', 0);
+    this.minTokens = requireInteger(options.minTokens ?? 16, 'minTokens', 1);
+    this.disk = this.dir === null ? null : new DirectoryStore(this.dir);
+    this.store = options.store;
+  }
+
+  /**
+   * Puts the longest cached prefix of `tokens` (at most `maxTokens` of them) into `sequence`,
+   * replacing what the sequence held. On a miss the sequence is emptied. Never throws for a cache
+   * problem: it reports it and restores less (or nothing).
+   */
+  async restore(context: Context, tokens: Int32Array | readonly number[], options: { sequence?: number; maxTokens?: number } = {}): Promise<RestoreResult> {
+    const prompt = toInt32Array(tokens, 'tokens');
+    const sequence = options.sequence ?? 0;
+    const limit = Math.min(options.maxTokens ?? prompt.length, prompt.length);
+    const started = performance.now();
+    const identity = contextIdentity(context);
+    const candidates = (await this.candidates(context, identity, prompt, sequence, limit)).filter((c) => c.length >= this.minTokens);
+    candidates.sort((a, b) => b.length - a.length || TIER_ORDER[a.tier] - TIER_ORDER[b.tier]);
+    for (const candidate of candidates.slice(0, 3)) {
+      try {
+        await this.apply(context, candidate, sequence);
+      } catch (err) {
+        this.reportFailure(err, candidate);
+        continue;
+      }
+      this.setResident(context, sequence, prompt.subarray(0, candidate.length));
+      const restoreMs = performance.now() - started;
+      const partial = candidate.length < candidate.entryTokens;
+      this.counters.hits[candidate.tier]++;
+      if (partial) this.counters.partialHits++;
+      this.counters.prefillTokensSaved += candidate.length;
+      this.counters.restoreMs += restoreMs;
+      const result: RestoreResult = { cachedTokens: candidate.length, tier: candidate.tier, partial, restoreMs, ...(candidate.key ? { key: candidate.key } : {}) };
+      this.emit('hit', result);
+      return result;
+    }
+    await context.exclusive(() => context.memory.remove(sequence));
+    this.setResident(context, sequence, new Int32Array(0));
+    this.counters.misses++;
+    const result: RestoreResult = { cachedTokens: 0, tier: null, partial: false, restoreMs: performance.now() - started };
+    this.emit('miss', result);
+    return result;
+  }
+
+  /**
+   * Saves the state of `sequence`, which must hold exactly `tokens` from position 0, as an entry
+   * in RAM and on disk (and in the shared store). Resolves once the entry is in RAM; the disk and
+   * store writes finish in the background (`flush()` waits for them).
+   */
+  async save(context: Context, tokens: Int32Array | readonly number[], options: { sequence?: number; label?: string } = {}): Promise<CacheEntryInfo> {
+    const prompt = toInt32Array(tokens, 'tokens');
+    const sequence = options.sequence ?? 0;
+    const range = await context.exclusive(() => context.memory.range(sequence));
+    if (range.min !== 0 || range.max !== prompt.length - 1) {
+      throw new KvstashError('E_STATE_SAVE', `sequence ${sequence} holds positions ${range.min}..${range.max}, not the ${prompt.length} tokens to save`);
+    }
+    const payload = await context.exportState({ sequence });
+    const header: EntryHeader = {
+      ...contextIdentity(context),
+      tokenCount: prompt.length,
+      tokens: Array.from(prompt),
+      label: options.label ?? null,
+      createdAt: new Date().toISOString(),
+      payloadBytes: payload.length,
+    };
+    const key = entryKey(header);
+    this.putRam(key, header, payload);
+    this.setResident(context, sequence, prompt);
+    this.track(this.persist(key, header, payload));
+    this.emit('save', { key, label: header.label, tokenCount: prompt.length, bytes: payload.length });
+    return this.info(key, header, payload.length, ['ram']);
+  }
+
+  /** Evaluates a prompt (restoring what is cached of it) into `sequence` and saves it. */
+  async warm(
+    context: Context,
+    promptOrTokens: string | Int32Array | readonly number[],
+    options: { label?: string; sequence?: number; onProgress?: (done: number, total: number) => void; signal?: AbortSignal } = {},
+  ): Promise<CacheEntryInfo & { evaluatedTokens: number; restore: RestoreResult }> {
+    const tokens = typeof promptOrTokens === 'string' ? context.model.tokenize(promptOrTokens, { special: true }) : toInt32Array(promptOrTokens, 'tokens');
+    if (tokens.length === 0) throw new RangeError('warm: the prompt is empty');
+    const sequence = options.sequence ?? 0;
+    const restore = await this.restore(context, tokens, { sequence });
+    const rest = tokens.subarray(restore.cachedTokens);
+    if (rest.length > 0) {
+      await context.decode(rest, { sequence, start: restore.cachedTokens, logits: 'none', onProgress: options.onProgress, signal: options.signal });
+    }
+    const saved = await this.save(context, tokens, { sequence, label: options.label });
+    return { ...saved, evaluatedTokens: rest.length, restore };
+  }
+
+  /** Records that `sequence` of `context` now holds `tokens` from position 0 (for the resident tier).
+   * Callers that decode into a sequence themselves (generate, sessions) keep this up to date. */
+  setResident(context: Context, sequence: number, tokens: Int32Array): void {
+    let sequences = this.resident.get(context);
+    if (!sequences) this.resident.set(context, (sequences = new Map()));
+    if (tokens.length === 0) sequences.delete(sequence);
+    else sequences.set(sequence, tokens.slice());
+  }
+
+  /** Every entry in RAM, on disk and in the store. */
+  async list(): Promise<CacheEntryInfo[]> {
+    const byKey = new Map<string, CacheEntryInfo>();
+    for (const [key, item] of this.ram) byKey.set(key, this.info(key, item.header, item.payload.length, ['ram']));
+    if (this.disk) {
+      for (const { name, size, entry } of await this.scanDisk()) {
+        if (entry instanceof Error) continue;
+        const known = byKey.get(entry.key);
+        if (known) {
+          known.tiers.push('disk');
+          known.bytes = size;
+          known.path = path.join(this.disk.dir, name);
+        } else {
+          byKey.set(entry.key, { ...this.info(entry.key, entry.header, size, ['disk']), path: path.join(this.disk.dir, name) });
+        }
+      }
+    }
+    return [...byKey.values()].sort((a, b) => b.createdAt.localeCompare(a.createdAt));
+  }
+
+  /** The newest entry with this label, or the entry with this key. */
+  async get(labelOrKey: string): Promise<CacheEntryInfo | undefined> {
+    const all = await this.list();
+    return all.find((e) => e.label === labelOrKey) ?? all.find((e) => e.key === labelOrKey);
+  }
+
+  /** Deletes entries by key or label from every tier; resolves with how many were deleted. */
+  async delete(labelOrKey: string): Promise<number> {
+    await this.flush();
+    const doomed = (await this.list()).filter((e) => e.key === labelOrKey || e.label === labelOrKey);
+    for (const entry of doomed) {
+      this.ram.delete(entry.key);
+      await this.disk?.delete(entry.key);
+      await this.store?.delete(entry.key);
+    }
+    return doomed.length;
+  }
+
+  async clear(): Promise<void> {
+    await this.flush();
+    for (const entry of await this.list()) {
+      await this.disk?.delete(entry.key);
+      await this.store?.delete(entry.key);
+    }
+    this.ram.clear();
+  }
+
+  /** Reads every byte of every disk entry and checks it; corrupt entries are reported (and removed
+   * with `remove: true`). */
+  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: Array<{ path: string; message: string }> }> {
+    await this.flush();
+    const corrupt: Array<{ path: string; message: string }> = [];
+    let ok = 0;
+    if (!this.disk) return { ok, corrupt };
+    for (const { name } of await this.disk.scan()) {
+      const file = path.join(this.disk.dir, name);
+      try {
+        await readVerifiedEntry(file);
+        ok++;
+      } catch (err) {
+        corrupt.push({ path: file, message: (err as Error).message });
+        if (options.remove) await this.disk.delete(name.slice(0, -'.kvstash'.length));
+      }
+    }
+    return { ok, corrupt };
+  }
+
+  /** Waits for background disk and store writes. */
+  async flush(): Promise<void> {
+    while (this.pendingWrites.size > 0) await Promise.all([...this.pendingWrites]);
+  }
+
+  stats(): CacheStats {
+    const lookups = Object.values(this.counters.hits).reduce((a, b) => a + b, 0) + this.counters.misses;
+    const hits = lookups - this.counters.misses;
+    let ramBytes = 0;
+    let tokens = 0;
+    for (const item of this.ram.values()) {
+      ramBytes += item.payload.length;
+      tokens += item.header.tokenCount;
+    }
+    return {
+      entries: { ram: this.ram.size, disk: this.diskSummary.entries },
+      bytes: { ram: ramBytes, disk: this.diskSummary.bytes },
+      tokensStored: Math.max(tokens, this.diskSummary.tokens),
+      hits: { ...this.counters.hits },
+      partialHits: this.counters.partialHits,
+      misses: this.counters.misses,
+      hitRate: lookups === 0 ? 0 : hits / lookups,
+      prefillTokensSaved: this.counters.prefillTokensSaved,
+      restoreMs: this.counters.restoreMs,
+      problems: { ...this.counters.problems },
+    };
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private async candidates(context: Context, identity: EntryIdentity, prompt: Int32Array, sequence: number, limit: number): Promise<Candidate[]> {
+    const out: Candidate[] = [];
+    const sequences = this.resident.get(context);
+    if (sequences) {
+      const ranges = await context.exclusive(() => new Map([...sequences.keys()].map((s) => [s, context.memory.range(s)])));
+      for (const [source, held] of sequences) {
+        // Trust the record only while the sequence still holds exactly those positions: a caller
+        // may have edited the KV cache behind the cache's back.
+        const range = ranges.get(source)!;
+        if (range.min !== 0 || range.max !== held.length - 1) {
+          sequences.delete(source);
+          continue;
+        }
+        out.push({ tier: 'resident', length: Math.min(limit, commonPrefix(held, prompt)), entryTokens: held.length, sourceSequence: source });
+      }
+    }
+    for (const [key, item] of this.ram) {
+      if (mismatchReason(item.header, identity)) continue;
+      out.push({ tier: 'ram', key, ram: item, length: Math.min(limit, commonPrefix(item.header.tokens, prompt)), entryTokens: item.header.tokenCount });
+    }
+    if (this.disk) {
+      for (const { name, entry } of await this.scanDisk()) {
+        if (entry instanceof Error) {
+          this.reportOnce(name, { code: (entry as KvstashError).code ?? 'E_CACHE_CORRUPT', message: entry.message, path: path.join(this.disk.dir, name) });
+          continue;
+        }
+        if (this.ram.has(entry.key)) continue;
+        const length = Math.min(limit, commonPrefix(entry.header.tokens, prompt));
+        const reason = mismatchReason(entry.header, identity);
+        if (reason) {
+          // Other models' entries may share the directory; report only one that would have been used.
+          if (length >= this.minTokens) {
+            this.reportOnce(`${entry.key}:mismatch`, { code: 'E_CACHE_MISMATCH', message: `cache entry ${entry.key} was not loaded: ${reason}`, key: entry.key });
+          }
+          continue;
+        }
+        out.push({ tier: 'disk', key: entry.key, length, entryTokens: entry.header.tokenCount, file: { path: path.join(this.disk.dir, name), entry } });
+      }
+    }
+    if (this.store && out.every((c) => c.length < limit)) {
+      const local = new Set(out.map((c) => c.key));
+      for (const stored of await this.store.list().catch(() => [])) {
+        if (local.has(stored.key) || mismatchReason(stored.header, identity)) continue;
+        out.push({ tier: 'store', key: stored.key, length: Math.min(limit, commonPrefix(stored.header.tokens, prompt)), entryTokens: stored.header.tokenCount });
+      }
+    }
+    void sequence;
+    return out;
+  }
+
+  private async apply(context: Context, candidate: Candidate, sequence: number): Promise<void> {
+    const memory = context.memory;
+    switch (candidate.tier) {
+      case 'resident': {
+        const source = candidate.sourceSequence!;
+        if (source !== sequence) {
+          await context.exclusive(() => {
+            memory.remove(sequence);
+            memory.copy(source, sequence, 0, candidate.length);
+          });
+        }
+        break;
+      }
+      case 'ram': {
+        const item = candidate.ram!;
+        item.lastUsed = performance.now();
+        await context.exclusive(() => memory.remove(sequence));
+        await context.importState(item.payload, { sequence });
+        break;
+      }
+      case 'disk': {
+        const { path: file, entry } = candidate.file!;
+        await context.exclusive(() => memory.remove(sequence));
+        await context.importVerifiedFile(file, { checkedLength: entry.checkedLength, checksum: entry.checksum, payloadOffset: entry.payloadOffset, payloadBytes: entry.header.payloadBytes }, { sequence });
+        void this.disk!.touch(entry.key);
+        // Promote to RAM off the critical path: the next restore of this prefix skips the disk.
+        if (this.maxRamBytes > 0) {
+          this.track(readVerifiedEntry(file).then(({ entry: e, payload }) => this.putRam(e.key, e.header, Buffer.from(payload)), () => undefined));
+        }
+        break;
+      }
+      case 'store': {
+        const bytes = await this.store!.get(candidate.key!);
+        if (!bytes) throw new KvstashError('E_CACHE_CORRUPT', `the store no longer holds entry ${candidate.key}`);
+        const { entry, payload } = await decodeEntry(`store:${candidate.key}`, bytes);
+        const reason = mismatchReason(entry.header, contextIdentity(context));
+        if (reason) throw new KvstashError('E_CACHE_MISMATCH', `store entry ${entry.key} was not loaded: ${reason}`);
+        await context.exclusive(() => memory.remove(sequence));
+        await context.importState(payload, { sequence });
+        this.putRam(entry.key, entry.header, Buffer.from(payload));
+        if (this.disk) this.track(this.disk.put(entry.key, bytes));
+        break;
+      }
+    }
+    // An entry longer than the common prefix is trimmed back to it.
+    await context.exclusive(() => {
+      if (memory.range(sequence).max !== candidate.length - 1) memory.remove(sequence, candidate.length);
+    });
+  }
+
+  private async persist(key: string, header: EntryHeader, payload: Buffer): Promise<void> {
+    try {
+      if (this.disk) {
+        await writeEntry(this.disk.pathOf(key), header, payload);
+        await this.evictDisk(key);
+      }
+      if (this.store) await this.store.put(key, await encodeEntry(header, payload));
+    } catch (err) {
+      this.problem({ code: 'E_STATE_SAVE', message: `could not persist cache entry ${key}: ${(err as Error).message}`, key });
+    }
+  }
+
+  private putRam(key: string, header: EntryHeader, payload: Buffer): void {
+    if (payload.length > this.maxRamBytes) return;
+    this.ram.set(key, { header, payload, lastUsed: performance.now() });
+    let total = 0;
+    for (const item of this.ram.values()) total += item.payload.length;
+    const byAge = [...this.ram.entries()].sort((a, b) => a[1].lastUsed - b[1].lastUsed);
+    for (const [oldKey, item] of byAge) {
+      if (total <= this.maxRamBytes) break;
+      if (oldKey === key) continue;
+      this.ram.delete(oldKey);
+      total -= item.payload.length;
+      this.emit('evict', { tier: 'ram', key: oldKey });
+    }
+  }
+
+  private async evictDisk(keep: string): Promise<void> {
+    const files = (await this.scanDisk()).sort((a, b) => a.mtimeMs - b.mtimeMs);
+    let total = files.reduce((sum, f) => sum + f.size, 0);
+    for (const file of files) {
+      if (total <= this.maxDiskBytes) break;
+      const key = file.name.slice(0, -'.kvstash'.length);
+      if (key === keep) continue;
+      await this.disk!.delete(key);
+      total -= file.size;
+      this.emit('evict', { tier: 'disk', key });
+    }
+    await this.scanDisk();
+  }
+
+  private async scanDisk() {
+    const files = await this.disk!.scan();
+    let bytes = 0;
+    let tokens = 0;
+    let entries = 0;
+    for (const f of files) {
+      bytes += f.size;
+      if (!(f.entry instanceof Error)) {
+        entries++;
+        tokens += f.entry.header.tokenCount;
+      }
+    }
+    this.diskSummary = { entries, bytes, tokens };
+    return files;
+  }
+
+  private info(key: string, header: EntryHeader, bytes: number, tiers: CacheTier[]): CacheEntryInfo {
+    return { key, label: header.label, tokenCount: header.tokenCount, bytes, createdAt: header.createdAt, tiers, model: header.model, layout: header.layout };
+  }
+
+  private track(work: Promise<unknown>): void {
+    const tracked = work.finally(() => this.pendingWrites.delete(tracked));
+    this.pendingWrites.add(tracked);
+  }
+
+  private reportFailure(err: unknown, candidate: Candidate): void {
+    const code = err instanceof KvstashError ? err.code : 'E_STATE_LOAD';
+    this.problem({ code, message: (err as Error).message, ...(candidate.key ? { key: candidate.key } : {}), ...(candidate.file ? { path: candidate.file.path } : {}) });
+    // A corrupt entry file can never become valid: remove it so nobody pays for it again.
+    if (code === 'E_CACHE_CORRUPT' && candidate.tier === 'disk' && candidate.key) void this.disk?.delete(candidate.key);
+  }
+
+  private reportOnce(id: string, problem: CacheProblem): void {
+    if (this.reported.has(id)) return;
+    this.reported.add(id);
+    this.problem(problem);
+  }
+
+  private problem(problem: CacheProblem): void {
+    if (problem.code === 'E_CACHE_CORRUPT') this.counters.problems.corrupt++;
+    else if (problem.code === 'E_CACHE_MISMATCH') this.counters.problems.mismatch++;
+    else this.counters.problems.other++;
+    this.emit('problem', problem);
+  }
+}
+
+/** Length of the common prefix of two token lists. */
+export function commonPrefix(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}

@@ -1,0 +1,108 @@
+/**
+ * Where cache entries live outside a process. `CacheStore` is what a shared store (a network file
+ * system, Redis, an object store) implements; `DirectoryStore` is the local disk tier and the
+ * reference implementation.
+ *
+ * Entries are immutable: a key always names the same bytes, so stores need no locking; writers
+ * replace whole entries atomically and readers verify what they read.
+ */
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { ENTRY_EXTENSION, readEntryFile, type EntryFile, type EntryHeader } from './entry.js';
+import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
+
+export interface StoredEntry {
+  key: string;
+  /** The entry's header: lookups match prompts against its tokens without fetching payloads. */
+  header: EntryHeader;
+  bytes: number;
+  /** Last use, as the store knows it (ms since the epoch). */
+  lastUsedMs: number;
+}
+
+export interface CacheStore {
+  /** The entries the store holds now. */
+  list(): Promise<StoredEntry[]>;
+  /** The complete entry bytes (as written by encodeEntry), or undefined when absent. */
+  get(key: string): Promise<Buffer | undefined>;
+  put(key: string, bytes: Uint8Array): Promise<void>;
+  delete(key: string): Promise<void>;
+}
+
+/** A directory of `<key>.kvstash` files. The index is the directory itself, re-read on demand. */
+export class DirectoryStore implements CacheStore {
+  /** Parsed headers by file name, kept while the file is the same inode of the same size (entries
+   * are replaced by rename, never rewritten in place; touch() changes only the mtime). */
+  private readonly parsed = new Map<string, { ino: number; size: number; entry: EntryFile | Error }>();
+
+  constructor(readonly dir: string) {}
+
+  pathOf(key: string): string {
+    return path.join(this.dir, `${key}${ENTRY_EXTENSION}`);
+  }
+
+  async list(): Promise<StoredEntry[]> {
+    return (await this.scan()).flatMap(({ name, size, mtimeMs, entry }) =>
+      entry instanceof Error ? [] : [{ key: entry.key, header: entry.header, bytes: size, lastUsedMs: mtimeMs }],
+    );
+  }
+
+  /**
+   * Every entry file with its parsed header (or the reason it is corrupt). Files that appeared,
+   * changed or vanished since the last scan are noticed: another process may share the directory.
+   */
+  async scan(): Promise<Array<{ name: string; size: number; mtimeMs: number; entry: EntryFile | Error }>> {
+    let names: string[];
+    try {
+      names = (await fsp.readdir(this.dir)).filter((n) => n.endsWith(ENTRY_EXTENSION) && !n.startsWith('.'));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    const out: Array<{ name: string; size: number; mtimeMs: number; entry: EntryFile | Error }> = [];
+    for (const name of names) {
+      let stat: fs.Stats;
+      try {
+        stat = await fsp.stat(path.join(this.dir, name));
+      } catch {
+        continue; // deleted meanwhile
+      }
+      let known = this.parsed.get(name);
+      if (!known || known.size !== stat.size || known.ino !== stat.ino) {
+        const entry = await readEntryFile(path.join(this.dir, name)).catch((err: Error) => err);
+        known = { ino: stat.ino, size: stat.size, entry };
+        this.parsed.set(name, known);
+      }
+      out.push({ name, size: stat.size, mtimeMs: stat.mtimeMs, entry: known.entry });
+    }
+    const present = new Set(names);
+    for (const name of this.parsed.keys()) if (!present.has(name)) this.parsed.delete(name);
+    return out;
+  }
+
+  async get(key: string): Promise<Buffer | undefined> {
+    try {
+      return await fsp.readFile(this.pathOf(key));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+
+  async put(key: string, bytes: Uint8Array): Promise<void> {
+    await fsp.mkdir(this.dir, { recursive: true });
+    await writeFileAtomic(this.pathOf(key), (handle) => writeFully(handle, bytes, 0));
+  }
+
+  async delete(key: string): Promise<void> {
+    await fsp.rm(this.pathOf(key), { force: true });
+    this.parsed.delete(`${key}${ENTRY_EXTENSION}`);
+  }
+
+  /** Marks an entry as just used (its mtime), so least-recently-used eviction works across processes. */
+  async touch(key: string): Promise<void> {
+    const now = new Date();
+    await fsp.utimes(this.pathOf(key), now, now).catch(() => undefined);
+  }
+}

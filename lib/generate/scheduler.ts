@@ -1,0 +1,132 @@
+/**
+ * Continuous batching: decode steps submitted by concurrent generations on one context, within
+ * the same turn of the event loop, are merged into one llama_decode batch. Eight generations then
+ * cost about one forward pass per token instead of eight.
+ */
+import type { Context } from '../llama/context.js';
+import { abortError } from '../llama/queue.js';
+
+interface Submission {
+  sequence: number;
+  tokens: Int32Array;
+  start: number;
+  /** Tokens of this submission already decoded (a long prompt goes in several batches). */
+  done: number;
+  signal: AbortSignal | undefined;
+  onProgress: ((done: number, total: number) => void) | undefined;
+  /** Runs synchronously right after the batch that decoded the last token, with that token's
+   * output index, so it can sample before any other decode replaces the logits. */
+  onOutput: ((index: number) => void) | undefined;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+const schedulers = new WeakMap<Context, BatchScheduler>();
+
+export class BatchScheduler {
+  private waiting: Submission[] = [];
+  private running = false;
+
+  private constructor(private readonly context: Context) {}
+
+  static of(context: Context): BatchScheduler {
+    let scheduler = schedulers.get(context);
+    if (!scheduler) schedulers.set(context, (scheduler = new BatchScheduler(context)));
+    return scheduler;
+  }
+
+  /**
+   * Decodes `tokens` into `sequence` from position `start`. When `onOutput` is given, the last
+   * token keeps its output and `onOutput(index)` runs synchronously after its batch.
+   */
+  submit(
+    sequence: number,
+    tokens: Int32Array,
+    start: number,
+    options: { onOutput?: (index: number) => void; signal?: AbortSignal; onProgress?: (done: number, total: number) => void } = {},
+  ): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      if (options.signal?.aborted) return reject(abortError(options.signal));
+      this.waiting.push({ sequence, tokens, start, done: 0, signal: options.signal, onProgress: options.onProgress, onOutput: options.onOutput, resolve, reject });
+      if (!this.running) {
+        this.running = true;
+        // One macrotask of patience lets every generation that is ready submit its step.
+        setImmediate(() => void this.drain());
+      }
+    });
+  }
+
+  private async drain(): Promise<void> {
+    try {
+      while (this.waiting.length > 0) await this.runBatch();
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private async runBatch(): Promise<void> {
+    const budget = this.context.info.batchSize;
+    for (const submission of [...this.waiting]) {
+      if (!submission.signal?.aborted) continue;
+      this.remove(submission);
+      submission.reject(abortError(submission.signal));
+    }
+    const live = [...this.waiting];
+    // Single-token steps first (they are the latency-critical generations), then prompt chunks.
+    live.sort((a, b) => a.tokens.length - a.done - (b.tokens.length - b.done));
+    const parts: Array<{ submission: Submission; from: number; to: number }> = [];
+    let used = 0;
+    for (const submission of live) {
+      if (used >= budget) break;
+      const take = Math.min(submission.tokens.length - submission.done, budget - used);
+      parts.push({ submission, from: submission.done, to: submission.done + take });
+      used += take;
+    }
+    if (parts.length === 0) return;
+
+    const tokens = new Int32Array(used);
+    const sequences = new Int32Array(used);
+    const positions = new Int32Array(used);
+    const outputs: number[] = [];
+    let offset = 0;
+    for (const { submission, from, to } of parts) {
+      tokens.set(submission.tokens.subarray(from, to), offset);
+      sequences.fill(submission.sequence, offset, offset + to - from);
+      for (let i = from; i < to; i++) positions[offset + i - from] = submission.start + i;
+      offset += to - from;
+      if (to === submission.tokens.length && submission.onOutput) outputs.push(offset - 1);
+    }
+    // With one submission in the batch its signal can stop llama.cpp mid-batch; a shared batch
+    // is never aborted for one member (the others would lose their step), which then stops
+    // between batches.
+    const signal = parts.length === 1 ? parts[0]!.submission.signal : undefined;
+    try {
+      await this.context.decode(tokens, { sequence: sequences, positions, logits: outputs.length > 0 ? outputs : 'none', signal });
+    } catch (err) {
+      for (const { submission } of parts) {
+        this.remove(submission);
+        submission.reject(err);
+      }
+      return;
+    }
+    offset = 0;
+    for (const { submission, from, to } of parts) {
+      offset += to - from;
+      submission.done = to;
+      submission.onProgress?.(to, submission.tokens.length);
+      if (to < submission.tokens.length) continue;
+      this.remove(submission);
+      try {
+        submission.onOutput?.(offset - 1);
+        submission.resolve();
+      } catch (err) {
+        submission.reject(err);
+      }
+    }
+  }
+
+  private remove(submission: Submission): void {
+    const index = this.waiting.indexOf(submission);
+    if (index >= 0) this.waiting.splice(index, 1);
+  }
+}
