@@ -1,0 +1,151 @@
+// generate(): streaming, stops, template prefix caching, continuous batching, abort.
+import t from 'tap';
+import { generate, loadModel, PromptCache, type Model } from '../lib/index.js';
+import { prose, tinyModel } from './helpers/fixtures.js';
+
+let model: Model;
+t.before(async () => {
+  model = await loadModel(await tinyModel());
+});
+t.teardown(() => model.dispose());
+
+const system = prose(500, 7);
+
+t.test('streams text chunks that add up to the result', async (t) => {
+  const context = await model.createContext({ contextSize: 2048 });
+  const generation = generate(context, { prompt: 'The cache of the prompt is', maxTokens: 12 });
+  let streamed = '';
+  for await (const chunk of generation) streamed += chunk;
+  const result = await generation.result;
+  t.equal(streamed, result.text);
+  t.equal(result.tokens.length, 12);
+  t.equal(result.finishReason, 'length');
+  t.equal(model.detokenize(result.tokens), result.text);
+  t.match(result, { cachedTokens: 0, tier: null, promptTokens: model.tokenize('The cache of the prompt is').length });
+  t.ok(result.ttftMs > 0 && result.ttftMs <= result.totalMs);
+  // Awaiting result alone runs the generation to its end too.
+  const again = await generate(context, { prompt: 'The cache of the prompt is', maxTokens: 12 }).result;
+  t.same(Array.from(again.tokens), Array.from(result.tokens), 'greedy is deterministic');
+  await t.rejects(generate(context, { maxTokens: 3 }).result, TypeError, 'no prompt');
+  await context.dispose();
+});
+
+t.test('stop strings end the text before them', async (t) => {
+  const context = await model.createContext({ contextSize: 2048 });
+  const full = await generate(context, { prompt: 'state of a', maxTokens: 16, sampling: { temperature: 1, seed: 3 } }).result;
+  t.ok(full.text.length > 4, `sampled text: ${JSON.stringify(full.text)}`);
+  const stop = full.text.slice(2, 4);
+  const generation = generate(context, { prompt: 'state of a', maxTokens: 16, sampling: { temperature: 1, seed: 3 }, stop: [stop] });
+  let streamed = '';
+  for await (const chunk of generation) streamed += chunk;
+  const stopped = await generation.result;
+  t.equal(stopped.finishReason, 'stop');
+  t.equal(stopped.text, full.text.slice(0, full.text.indexOf(stop)));
+  t.equal(streamed, stopped.text, 'nothing of the stop string was streamed');
+  await context.dispose();
+});
+
+t.test('a system prompt is cached once and restored by later calls, in this process or the next', async (t) => {
+  const dir = t.testdir();
+  const cache = new PromptCache({ dir });
+  const context = await model.createContext({ contextSize: 4096, sequences: 2 });
+  const ask = (cacheToUse: PromptCache, question: string, sequence = 0, ctx = context) =>
+    generate(ctx, { system, messages: [{ role: 'user', content: question }], cache: cacheToUse, sequence, maxTokens: 6 }).result;
+  const rendered = model.applyChatTemplate([{ role: 'system', content: system }], { addAssistant: false });
+  const prefixLength = model.tokenize(rendered, { special: true }).length;
+
+  const first = await ask(cache, 'What is cached?');
+  t.match(first, { cachedTokens: 0, tier: null });
+  t.equal(first.evaluatedTokens, first.promptTokens);
+  t.equal((await cache.list()).length, 1, 'the template prefix was saved');
+  t.equal((await cache.list())[0]!.tokenCount, prefixLength);
+
+  const second = await ask(cache, 'And what is not?', 1);
+  t.equal(second.tier, 'resident');
+  // Sequence 0 holds the whole first conversation, so the common prefix runs past the system
+  // prompt into the user turn's opening tokens.
+  const ownTokens = second.promptTokens - prefixLength;
+  t.ok(second.cachedTokens >= prefixLength && second.evaluatedTokens <= ownTokens, `evaluated ${second.evaluatedTokens} of its own ${ownTokens} tokens`);
+
+  await cache.flush();
+  // "The next process": another cache object on the same directory and a fresh context.
+  const nextCache = new PromptCache({ dir });
+  const nextContext = await model.createContext({ contextSize: 4096 });
+  const third = await ask(nextCache, 'What is cached?', 0, nextContext);
+  t.match(third, { tier: 'disk', cachedTokens: prefixLength });
+  t.same(Array.from(third.tokens), Array.from(first.tokens), 'the same answer as the cold call');
+  await Promise.all([context.dispose(), nextContext.dispose()]);
+});
+
+t.test('tools are part of the cached prefix', async (t) => {
+  const cache = new PromptCache({ dir: t.testdir() });
+  const context = await model.createContext({ contextSize: 4096 });
+  const tools = [{ name: 'weather', description: 'Current weather for a city', parameters: { city: 'string' } }];
+  const first = await generate(context, { system: 'You are a bot.', tools, prompt: 'Weather in Oslo?', cache, maxTokens: 3 }).result;
+  const second = await generate(context, { system: 'You are a bot.', tools, prompt: 'Weather in Rome?', cache, maxTokens: 3 }).result;
+  t.equal(first.cachedTokens, 0);
+  t.ok(second.cachedTokens > 40, `the system prompt with its tools (${second.cachedTokens} tokens) was restored`);
+  await context.dispose();
+});
+
+t.test('concurrent generations on 4 sequences give each the tokens it gets alone, in shared batches', async (t) => {
+  const questions = ['one', 'two two', 'three three three', 'four'];
+  const alone: number[][] = [];
+  for (const [i, question] of questions.entries()) {
+    const context = await model.createContext({ contextSize: 4096, sequences: 4 });
+    alone.push(Array.from((await generate(context, { system, prompt: question, sequence: i, maxTokens: 8 }).result).tokens));
+    await context.dispose();
+  }
+  const context = await model.createContext({ contextSize: 4096, sequences: 4 });
+  let decodes = 0;
+  const decode = context.decode.bind(context);
+  context.decode = (tokens, options) => {
+    decodes++;
+    return decode(tokens, options);
+  };
+  const together = await Promise.all(
+    questions.map((question, i) => generate(context, { system, prompt: question, sequence: i, maxTokens: 8 }).result),
+  );
+  together.forEach((result, i) => t.same(Array.from(result.tokens), alone[i], `sequence ${i}: same tokens`));
+  // Alone, each needs 2 prompt batches (its ~520 tokens in 512-token batches) + 7 steps = 9
+  // decodes: 36 for four. Batched, the steps of all four share decodes.
+  t.ok(decodes <= 20, `${decodes} decodes for 4 concurrent generations (36 if serialized)`);
+  await context.dispose();
+});
+
+t.test('an aborted generation leaves the context usable and the cache intact', async (t) => {
+  const dir = t.testdir();
+  const cache = new PromptCache({ dir });
+  const context = await model.createContext({ contextSize: 4096, batchSize: 64 });
+  const reference = await generate(context, { system, prompt: 'reference', cache, maxTokens: 6 }).result;
+
+  // Mid-prefill: a long user message, aborted during its evaluation.
+  const mid = new AbortController();
+  const long = prose(1500, 9);
+  const prefill = generate(context, { system, prompt: long, cache, maxTokens: 6, signal: mid.signal, onProgress: (done) => done >= 128 && mid.abort() });
+  await t.rejects(prefill.result, { code: 'E_ABORTED' });
+
+  // Mid-generation: aborted after the second chunk.
+  const late = new AbortController();
+  const generating = generate(context, { system, prompt: 'reference', cache, maxTokens: 50, signal: late.signal });
+  let chunks = 0;
+  await t.rejects(
+    (async () => {
+      for await (const chunk of generating) {
+        void chunk;
+        if (++chunks === 2) late.abort();
+      }
+    })(),
+    { code: 'E_ABORTED' },
+  );
+  const range = await context.exclusive(() => context.memory.range(0));
+  t.ok(range.max < 4096, 'the sequence holds a consistent range');
+
+  const after = await generate(context, { system, prompt: 'reference', cache, maxTokens: 6 }).result;
+  t.same(Array.from(after.tokens), Array.from(reference.tokens), 'the same answer as before the aborts');
+  t.ok(after.cachedTokens > 0);
+  const verified = await cache.verify();
+  t.same(verified.corrupt, []);
+  t.equal(verified.ok, 1);
+  await context.dispose();
+});

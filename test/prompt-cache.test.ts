@@ -1,0 +1,261 @@
+// PromptCache: every tier restores exactly what a cold prefill computes, bad entries never load,
+// budgets hold, statistics add up.
+import fs from 'node:fs';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { DirectoryStore, generate, loadModel, PromptCache, type Context, type Model } from '../lib/index.js';
+import { bitIdentical, maxAbsDiff, promptTokens, tinyModel } from './helpers/fixtures.js';
+
+let model: Model;
+let prefix: Int32Array;
+let suffix: Int32Array;
+let prompt: Int32Array;
+/** Logits of the last prompt token, for each split point k: decode [0, k) then [k, n). */
+const reference = new Map<number, Float32Array>();
+
+t.before(async () => {
+  model = await loadModel(await tinyModel());
+  prefix = promptTokens(model, 300, 41);
+  suffix = promptTokens(model, 20, 42);
+  prompt = new Int32Array([...prefix, ...suffix]);
+});
+t.teardown(() => model.dispose());
+
+async function coldLogits(tokens: Int32Array, split: number): Promise<Float32Array> {
+  const key = tokens === prompt ? split : -1;
+  if (reference.has(key)) return reference.get(key)!;
+  const context = await model.createContext({ contextSize: 1024 });
+  if (split > 0) await context.decode(tokens.subarray(0, split), { start: 0, logits: 'none' });
+  await context.decode(tokens.subarray(split), { start: split });
+  const logits = context.logits();
+  await context.dispose();
+  if (key >= 0) reference.set(key, logits);
+  return logits;
+}
+
+/** Restores `tokens` through `cache` into `sequence`, decodes the rest, returns the last logits. */
+async function restoredLogits(cache: PromptCache, context: Context, tokens: Int32Array, sequence = 0) {
+  const restored = await cache.restore(context, tokens, { sequence, maxTokens: tokens.length - 1 });
+  await context.decode(tokens.subarray(restored.cachedTokens), { sequence, start: restored.cachedTokens });
+  return { restored, logits: context.logits() };
+}
+
+function cacheIn(t: Test, options: ConstructorParameters<typeof PromptCache>[0] = {}): PromptCache {
+  return new PromptCache({ dir: t.testdir(), ...options });
+}
+
+t.test('a miss, a warm, and a hit from each tier give the logits of a cold prefill', async (t) => {
+  const cache = cacheIn(t);
+  const problems: unknown[] = [];
+  cache.on('problem', (p) => problems.push(p));
+
+  // Miss: nothing cached, the whole prompt is evaluated.
+  const missContext = await model.createContext({ contextSize: 1024 });
+  const miss = await restoredLogits(cache, missContext, prompt);
+  t.match(miss.restored, { cachedTokens: 0, tier: null });
+  t.ok(bitIdentical(miss.logits, await coldLogits(prompt, 0)), 'miss: bit-identical');
+  await missContext.dispose();
+
+  // Warm: the prefix is evaluated into sequence 0 of a 2-sequence context and saved.
+  const shared = await model.createContext({ contextSize: 2048, sequences: 2 });
+  const warmed = await cache.warm(shared, prefix, { label: 'system' });
+  t.match(warmed, { label: 'system', tokenCount: 300, evaluatedTokens: 300 });
+  await shared.decode(suffix, { sequence: 0, start: 300 });
+  t.ok(bitIdentical(shared.logits(), await coldLogits(prompt, 300)), 'warm: bit-identical');
+  await shared.exclusive(() => shared.memory.remove(0, 300));
+
+  // Resident: sequence 0 holds the prefix; sequence 1 gets it by memory.copy.
+  const resident = await restoredLogits(cache, shared, prompt, 1);
+  t.match(resident.restored, { tier: 'resident', cachedTokens: 300, partial: false });
+  t.ok(resident.restored.restoreMs < 50, `resident restore took ${resident.restored.restoreMs.toFixed(2)} ms`);
+  // The copy shares the prefix cells; the suffix lands in other cells than in the cold run, so
+  // the attention may sum in another order: the f16 tolerance of context-state.test.ts applies.
+  const residentDiff = maxAbsDiff(resident.logits, await coldLogits(prompt, 300));
+  t.ok(residentDiff < 2e-3, `resident: max |diff| ${residentDiff}`);
+  await shared.dispose();
+
+  // RAM: a fresh context, the state buffer from RAM, restored into empty cells: bit-identical.
+  const ramContext = await model.createContext({ contextSize: 1024 });
+  const ram = await restoredLogits(cache, ramContext, prompt);
+  t.match(ram.restored, { tier: 'ram', cachedTokens: 300, key: warmed.key });
+  t.ok(bitIdentical(ram.logits, await coldLogits(prompt, 300)), 'ram: bit-identical');
+  await ramContext.dispose();
+
+  // Disk: another PromptCache on the same directory (as another process would be) has no RAM.
+  await cache.flush();
+  const diskCache = new PromptCache({ dir: cache.dir });
+  const diskContext = await model.createContext({ contextSize: 1024 });
+  const disk = await restoredLogits(diskCache, diskContext, prompt);
+  t.match(disk.restored, { tier: 'disk', cachedTokens: 300 });
+  t.ok(bitIdentical(disk.logits, await coldLogits(prompt, 300)), 'disk: bit-identical');
+  await diskContext.dispose();
+
+  // Store: a cache without a disk tier, whose shared store holds the entry.
+  const storeCache = new PromptCache({ dir: null, store: new DirectoryStore(cache.dir!) });
+  const storeContext = await model.createContext({ contextSize: 1024 });
+  const store = await restoredLogits(storeCache, storeContext, prompt);
+  t.match(store.restored, { tier: 'store', cachedTokens: 300 });
+  t.ok(bitIdentical(store.logits, await coldLogits(prompt, 300)), 'store: bit-identical');
+  await storeContext.dispose();
+
+  // Partial: a prompt that leaves the cached prefix at token 250 restores 250 and trims the rest.
+  const diverging = new Int32Array([...prefix.subarray(0, 250), ...promptTokens(model, 70, 43)]);
+  const partialContext = await model.createContext({ contextSize: 1024 });
+  const partial = await restoredLogits(diskCache, partialContext, diverging);
+  t.match(partial.restored, { cachedTokens: 250, partial: true });
+  t.ok(bitIdentical(partial.logits, await coldLogits(diverging, 250)), 'partial hit: bit-identical');
+  await partialContext.dispose();
+
+  t.same(problems, [], 'no cache problems along the way');
+  // Lookups: the miss, the warm's own lookup (a miss), then resident and RAM hits.
+  t.match(cache.stats(), { hits: { resident: 1, ram: 1 }, misses: 2, prefillTokensSaved: 600 });
+  t.match(diskCache.stats(), { hits: { disk: 1, ram: 1 }, partialHits: 1 });
+});
+
+t.test('an entry of another model of the same shape is refused (E_CACHE_MISMATCH), generation still works', async (t) => {
+  const dir = t.testdir();
+  const other = await loadModel(await tinyModel(2));
+  const otherContext = await other.createContext({ contextSize: 1024 });
+  const otherCache = new PromptCache({ dir });
+  await otherCache.warm(otherContext, prefix);
+  await otherCache.flush();
+  await other.dispose();
+
+  const cache = new PromptCache({ dir });
+  const problems: Array<{ code: string; message: string }> = [];
+  cache.on('problem', (p) => problems.push(p));
+  const context = await model.createContext({ contextSize: 1024 });
+  const result = await generate(context, { prompt, cache, maxTokens: 4 }).result;
+  t.match(result, { cachedTokens: 0, tier: null, evaluatedTokens: prompt.length });
+  t.equal(problems.length, 1);
+  t.equal(problems[0]!.code, 'E_CACHE_MISMATCH');
+  t.match(problems[0]!.message, /another model/);
+  t.equal(cache.stats().problems.mismatch, 1);
+  const cold = await generate(await model.createContext({ contextSize: 1024 }), { prompt, maxTokens: 4 }).result;
+  t.same(Array.from(result.tokens), Array.from(cold.tokens), 'the same tokens as without a cache');
+  await context.dispose();
+});
+
+t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', async (t) => {
+  const source = cacheIn(t);
+  const context = await model.createContext({ contextSize: 1024 });
+  const entry = await source.warm(context, prefix);
+  await source.flush();
+  const good = fs.readFileSync(entry.path ?? path.join(source.dir!, `${entry.key}.kvstash`));
+  const expected = (await generate(context, { prompt, maxTokens: 3 }).result).tokens;
+
+  const variants: Array<[string, Buffer]> = [['zero-length file', Buffer.alloc(0)]];
+  const headerEnd = 16 + good.readUInt32LE(12);
+  for (const offset of [0, 5, 8, 12, 20, Math.floor(headerEnd / 2), headerEnd - 2, headerEnd + 70, good.length >> 1, good.length - 20, good.length - 12, good.length - 1]) {
+    const flipped = Buffer.from(good);
+    flipped[offset] ^= 0x40;
+    variants.push([`byte ${offset} flipped`, flipped]);
+  }
+  for (const length of [4, 15, 16, 100, headerEnd, headerEnd + 1, good.length >> 1, good.length - 16, good.length - 1]) {
+    variants.push([`truncated to ${length} bytes`, good.subarray(0, length)]);
+  }
+  const wrongVersion = Buffer.from(good);
+  wrongVersion.writeUInt32LE(2, 8);
+  variants.push(['format version 2', wrongVersion]);
+  variants.push(['random bytes', Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 131 + 7) % 256))]);
+  variants.push(['text', Buffer.from('definitely not a cache entry\n')]);
+  variants.push(['appended bytes', Buffer.concat([good, Buffer.from('extra')])]);
+
+  for (const [name, bytes] of variants) {
+    const dir = t.testdir();
+    fs.writeFileSync(path.join(dir, `${entry.key}.kvstash`), bytes);
+    const cache = new PromptCache({ dir });
+    const problems: Array<{ code: string }> = [];
+    cache.on('problem', (p) => problems.push(p));
+    await context.exclusive(() => context.memory.clear());
+    const result = await generate(context, { prompt, cache, maxTokens: 3 }).result;
+    t.equal(result.cachedTokens, 0, `${name}: nothing was restored`);
+    t.same(Array.from(result.tokens), Array.from(expected), `${name}: output as without a cache`);
+    t.same(problems.map((p) => p.code), ['E_CACHE_CORRUPT'], `${name}: reported once as E_CACHE_CORRUPT`);
+    const verified = await new PromptCache({ dir }).verify();
+    t.equal(verified.ok + verified.corrupt.length <= 1, true);
+  }
+  await context.dispose();
+});
+
+t.test('a writer killed with SIGKILL mid-write leaves no entry that loads wrong', async (t) => {
+  const dir = t.testdir();
+  const script = `
+    const { loadModel, PromptCache } = require(${JSON.stringify(path.resolve(__dirname, '../lib/index.ts'))});
+    (async () => {
+      const model = await loadModel(${JSON.stringify(await tinyModel())});
+      const context = await model.createContext({ contextSize: 1024 });
+      const cache = new PromptCache({ dir: ${JSON.stringify(dir)} });
+      const base = ${JSON.stringify(Array.from(prefix))};
+      for (let i = 0; ; i++) {
+        await cache.warm(context, base.slice(0, 100 + (i % 200)));
+        await cache.flush();
+        if (i === 0) process.stdout.write('ready\\n');
+      }
+    })();
+  `;
+  const { spawn } = await import('node:child_process');
+  for (let trial = 0; trial < 6; trial++) {
+    const child = spawn(process.execPath, [...process.execArgv, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    await new Promise<void>((resolve) => child.stdout.once('data', () => resolve()));
+    await new Promise((resolve) => setTimeout(resolve, 20 + trial * 37));
+    child.kill('SIGKILL');
+    await new Promise((resolve) => child.once('exit', resolve));
+  }
+  const verified = await new PromptCache({ dir }).verify();
+  t.ok(verified.ok > 0, `${verified.ok} complete entries survived`);
+  t.same(verified.corrupt, [], 'no visible entry is torn');
+  // Temporary files of killed writers are hidden and never considered.
+  const cache = new PromptCache({ dir });
+  const context = await model.createContext({ contextSize: 1024 });
+  const problems: unknown[] = [];
+  cache.on('problem', (p) => problems.push(p));
+  const restored = await cache.restore(context, prefix);
+  t.ok(restored.cachedTokens >= 100, `restored ${restored.cachedTokens} tokens`);
+  t.same(problems, []);
+  await context.dispose();
+});
+
+t.test('eviction keeps each tier within its budget; statistics add up', async (t) => {
+  const probe = cacheIn(t, { maxRamBytes: 1 << 30 });
+  const context = await model.createContext({ contextSize: 1024 });
+  const one = await probe.warm(context, prefix.subarray(0, 200));
+  await probe.flush();
+  const stateBytes = probe.stats().bytes.ram;
+  const fileBytes = one.path ? fs.statSync(one.path).size : probe.stats().bytes.disk;
+
+  const cache = cacheIn(t, { maxRamBytes: Math.floor(stateBytes * 2.5), maxDiskBytes: Math.floor(fileBytes * 3.5) });
+  const evicted: Array<{ tier: string }> = [];
+  cache.on('evict', (e) => evicted.push(e));
+  for (let i = 0; i < 5; i++) {
+    await cache.warm(context, promptTokens(model, 200, 100 + i), { label: `entry ${i}` });
+    await cache.flush();
+  }
+  const stats = cache.stats();
+  t.equal(stats.entries.ram, 2, 'RAM holds what fits');
+  t.ok(stats.bytes.ram <= stateBytes * 2.5);
+  t.equal(stats.entries.disk, 3, 'disk holds what fits');
+  t.ok(stats.bytes.disk <= fileBytes * 3.5);
+  t.equal(evicted.filter((e) => e.tier === 'ram').length, 3);
+  t.equal(evicted.filter((e) => e.tier === 'disk').length, 2);
+  const labels = (await cache.list()).map((e) => e.label).sort();
+  t.same(labels, ['entry 2', 'entry 3', 'entry 4'], 'the least recently used went first');
+
+  // Lookups: 5 misses from the warms, then (in a fresh context, so nothing is resident) a RAM hit
+  // and one more miss.
+  const fresh = await model.createContext({ contextSize: 1024 });
+  await cache.restore(fresh, promptTokens(model, 200, 104)); // RAM
+  await cache.restore(fresh, promptTokens(model, 200, 999)); // miss
+  await fresh.dispose();
+  const after = cache.stats();
+  t.equal(after.misses, 6);
+  t.equal(after.hits.ram, 1);
+  t.equal(after.hitRate, 1 / 7);
+  t.equal(after.prefillTokensSaved, 200);
+  t.equal(after.tokensStored, 600);
+  t.equal(await cache.delete('entry 4'), 1);
+  t.equal((await cache.list()).length, 2);
+  await cache.clear();
+  t.same(await cache.list(), []);
+  await context.dispose();
+});
