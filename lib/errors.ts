@@ -25,6 +25,9 @@ export type KvstashErrorCode =
   | 'E_BUSY' // another operation holds the context and the caller asked not to wait
   | 'E_ABORTED' // an AbortSignal fired
   | 'E_QUANTIZE' // llama_model_quantize failed
+  | 'E_SESSION_NOT_FOUND' // Session.resume of an id that has no transcript
+  | 'E_SESSION_EXISTS' // Session.open of an id that already has one
+  | 'E_SESSION_LOCKED' // the session is open in another (live) process
   | 'E_NATIVE_UNAVAILABLE' // the native addon could not be loaded
   | 'E_NATIVE' // an unexpected failure inside the native layer (a bug: please report it)
   | 'E_RKLLM_UNAVAILABLE' // librkllmrt.so or one of its symbols is missing
@@ -32,11 +35,15 @@ export type KvstashErrorCode =
 
 export class KvstashError extends Error {
   readonly code: KvstashErrorCode;
+  /** The short cause, without the context the message adds (e.g. "its checksum does not match
+   * its bytes"), when there is one. */
+  readonly reason?: string;
 
-  constructor(code: KvstashErrorCode, message: string, options?: { cause?: unknown }) {
+  constructor(code: KvstashErrorCode, message: string, options?: { cause?: unknown; reason?: string }) {
     super(message, options);
     this.name = 'KvstashError';
     this.code = code;
+    if (options?.reason !== undefined) this.reason = options.reason;
   }
 }
 

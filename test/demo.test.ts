@@ -1,33 +1,16 @@
 // `kvstash demo` end to end, as a user runs it: the compiled CLI in a child process. The warm runs
 // must answer exactly as a cold prefill of the same prompt does, which proves the restore exact.
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { buildDemoPrompt, DEMO_QUESTIONS, type DemoReport } from '../lib/cli/demo.js';
 import { loadModel, writeSyntheticModel } from '../lib/index.js';
+import { requireBuiltCli, runCli } from './helpers/cli.js';
 
-// The CLI is the compiled one (npm install compiles dist/); after editing lib/, run `node scripts/build-ts.js`.
-const CLI = path.resolve(__dirname, '..', 'dist', 'cli', 'main.js');
 const PREFIX_TOKENS = 300;
 const GENERATED = 4;
 const THREADS = 2;
 
-function runCli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk));
-    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
-t.before(() => {
-  if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run \`node scripts/build-ts.js\` (npm install does it)`);
-});
+t.before(requireBuiltCli);
 
 t.test('demo: cold evaluates everything, warm only the question, and warm answers equal recompute', async (t) => {
   const modelPath = path.join(t.testdir(), 'tiny.gguf');

@@ -78,7 +78,7 @@ export function entryKey(header: Pick<EntryHeader, 'kind' | 'backend' | 'model' 
 }
 
 function corrupt(source: string, problem: string): KvstashError {
-  return new KvstashError('E_CACHE_CORRUPT', `cache entry ${source} is corrupt: ${problem}; it will not be loaded`);
+  return new KvstashError('E_CACHE_CORRUPT', `cache entry ${source} is corrupt: ${problem}; it will not be loaded`, { reason: problem });
 }
 
 function payloadOffsetFor(headerBytes: number): number {

@@ -13,7 +13,7 @@ import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import type { Context } from '../llama/context.js';
 import { requireInteger, toInt32Array } from '../util/validate.js';
 import { userCacheDir } from '../util/paths.js';
-import { decodeEntry, encodeEntry, entryKey, writeEntry, readVerifiedEntry, type EntryFile, type EntryHeader } from './entry.js';
+import { decodeEntry, encodeEntry, entryKey, readVerifiedEntry, type EntryFile, type EntryHeader } from './entry.js';
 import { contextIdentity, mismatchReason, type EntryIdentity } from './identity.js';
 import { DirectoryStore, type CacheStore } from './store.js';
 
@@ -247,16 +247,32 @@ export class PromptCache extends EventEmitter {
     return [...byKey.values()].sort((a, b) => b.createdAt.localeCompare(a.createdAt));
   }
 
-  /** The newest entry with this label, or the entry with this key. */
-  async get(labelOrKey: string): Promise<CacheEntryInfo | undefined> {
-    const all = await this.list();
-    return all.find((e) => e.label === labelOrKey) ?? all.find((e) => e.key === labelOrKey);
+  /**
+   * The entries `labelOrKey` names: every entry with that label (newest first); else the entry
+   * with that key; else every entry whose key starts with it (4+ hex digits, as `kvstash ls`
+   * shows keys). More than one key match means the start was ambiguous.
+   */
+  async find(labelOrKey: string): Promise<CacheEntryInfo[]> {
+    const entries = await this.list();
+    const labelled = entries.filter((e) => e.label === labelOrKey);
+    if (labelled.length > 0) return labelled;
+    const exact = entries.filter((e) => e.key === labelOrKey);
+    if (exact.length > 0 || !/^[0-9a-f]{4,}$/.test(labelOrKey)) return exact;
+    return entries.filter((e) => e.key.startsWith(labelOrKey));
   }
 
-  /** Deletes entries by key or label from every tier; resolves with how many were deleted. */
+  /** The newest entry with this label, or the entry with this key (or unique key start). */
+  async get(labelOrKey: string): Promise<CacheEntryInfo | undefined> {
+    const found = await this.find(labelOrKey);
+    return found.length === 1 || found[0]?.label === labelOrKey ? found[0] : undefined;
+  }
+
+  /** Deletes every entry with this label, or the entry with this key (or unique key start), from
+   * every tier; resolves with how many were deleted. */
   async delete(labelOrKey: string): Promise<number> {
     await this.flush();
-    const doomed = (await this.list()).filter((e) => e.key === labelOrKey || e.label === labelOrKey);
+    const found = await this.find(labelOrKey);
+    const doomed = found.length === 1 || found[0]?.label === labelOrKey ? found : [];
     for (const entry of doomed) {
       this.ram.delete(entry.key);
       await this.disk?.delete(entry.key);
@@ -276,9 +292,9 @@ export class PromptCache extends EventEmitter {
 
   /** Reads every byte of every disk entry and checks it; corrupt entries are reported (and removed
    * with `remove: true`). */
-  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: Array<{ path: string; message: string }> }> {
+  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: Array<{ path: string; reason: string; message: string }> }> {
     await this.flush();
-    const corrupt: Array<{ path: string; message: string }> = [];
+    const corrupt: Array<{ path: string; reason: string; message: string }> = [];
     let ok = 0;
     if (!this.disk) return { ok, corrupt };
     for (const { name } of await this.disk.scan()) {
@@ -287,7 +303,7 @@ export class PromptCache extends EventEmitter {
         await readVerifiedEntry(file);
         ok++;
       } catch (err) {
-        corrupt.push({ path: file, message: (err as Error).message });
+        corrupt.push({ path: file, reason: (err as KvstashError).reason ?? (err as Error).message, message: (err as Error).message });
         if (options.remove) await this.disk.delete(name.slice(0, -'.kvstash'.length));
       }
     }
@@ -427,7 +443,7 @@ export class PromptCache extends EventEmitter {
   private async persist(key: string, header: EntryHeader, payload: Buffer): Promise<void> {
     try {
       if (this.disk) {
-        await writeEntry(this.disk.pathOf(key), header, payload);
+        await this.disk.write(key, header, payload);
         await this.evictDisk(key);
       }
       if (this.store) await this.store.put(key, await encodeEntry(header, payload));

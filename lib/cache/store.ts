@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { ENTRY_EXTENSION, readEntryFile, type EntryFile, type EntryHeader } from './entry.js';
+import { ENTRY_EXTENSION, readEntryFile, writeEntry, type EntryFile, type EntryHeader } from './entry.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 
 export interface StoredEntry {
@@ -93,6 +93,12 @@ export class DirectoryStore implements CacheStore {
   async put(key: string, bytes: Uint8Array): Promise<void> {
     await fsp.mkdir(this.dir, { recursive: true });
     await writeFileAtomic(this.pathOf(key), (handle) => writeFully(handle, bytes, 0));
+  }
+
+  /** Writes an entry from its parts (no intermediate copy of a large payload). */
+  async write(key: string, header: EntryHeader, payload: Uint8Array): Promise<number> {
+    await fsp.mkdir(this.dir, { recursive: true });
+    return writeEntry(this.pathOf(key), header, payload);
   }
 
   async delete(key: string): Promise<void> {

@@ -13,9 +13,11 @@ import { KvstashError } from '../errors.js';
 import type { Context } from '../llama/context.js';
 import { defaultThreads, loadModel, type Model } from '../llama/model.js';
 import type { Sampler } from '../llama/sampler.js';
-import { writeSyntheticModel } from '../models/synthetic.js';
+import { writeSyntheticModel, type SyntheticShapeName, type SyntheticWeightType } from '../models/synthetic.js';
 import { userCacheDir } from '../util/paths.js';
+import { fmt, ms, printable, round, size, table, tildify, times } from './format.js';
 import type { Command, FlagSpecs, Flags } from './main.js';
+import { withStatus } from './progress.js';
 
 const CONTEXT_SIZE = 4096;
 const BATCH_SIZE = 512;
@@ -187,7 +189,7 @@ async function runDemo(flags: Flags<typeof DEMO_FLAGS>, { signal }: { signal: Ab
     const saveMs = performance.now() - saveStart;
     const coldAnswer = await answer(context, sampler, model, prompt.suffixes[0]!, prefixLength, generate, signal);
     const cold = runResult('cold', 0, prefixLength, coldAnswer, { evaluated: prefixLength, restoreMs: null, ms: prefixMs }, 1);
-    say(`Saved     the system prompt's KV state: ${mb(stateBytes)} in memory (export ${ms(exportMs)} ms), ${mb(fileBytes)} as a file (save ${ms(saveMs)} ms)`);
+    say(`Saved     the system prompt's KV state: ${size(stateBytes)} in memory (export ${ms(exportMs)} ms), ${size(fileBytes)} as a file (save ${ms(saveMs)} ms)`);
     say();
 
     say('Warm: for each question, clear the sequence, restore the system prompt from the file, evaluate only the question.');
@@ -301,9 +303,7 @@ function printReport(report: DemoReport): void {
     ms(r.ttftMs),
     `${times(r.speedup)}`,
   ]);
-  const widths = header.map((h, c) => Math.max(h.length, ...rows.map((row) => row[c]!.length)));
-  const line = (cells: string[]): string => cells.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join('  ');
-  const out: string[] = ['', line(header), ...rows.map(line), ''];
+  const out: string[] = ['', table(header, rows, ['left', ...header.slice(1).map(() => 'right' as const)]), ''];
   const shown = report.warm[0]!;
   out.push(`Question 1: ${shown.question}`);
   out.push(
@@ -326,16 +326,20 @@ function printReport(report: DemoReport): void {
 // ---------------------------------------------------------------------------------------------
 // The synthetic model
 
-/** The cached synthetic model, written on first use. */
-async function syntheticModelPath(root: string, signal: AbortSignal): Promise<string> {
+/** The cached synthetic model (by default the demo's), written on first use. */
+export async function syntheticModelPath(
+  root: string,
+  signal: AbortSignal,
+  model: { shape: SyntheticShapeName; type: SyntheticWeightType; seed: number } = SYNTHETIC,
+): Promise<string> {
   const dir = path.join(root, 'models');
-  const file = path.join(dir, `synthetic-${SYNTHETIC.shape}-${SYNTHETIC.type}-seed${SYNTHETIC.seed}.gguf`);
+  const file = path.join(dir, `synthetic-${model.shape}-${model.type}-seed${model.seed}.gguf`);
   if (fs.existsSync(file)) return file;
   await fsp.mkdir(dir, { recursive: true });
   await removeAbandonedStaging(dir);
   process.stderr.write(
-    `First run: writing the synthetic ${SYNTHETIC.shape} model to ${tildify(file)}.\n` +
-      'This happens once: about 1 GB of f16 weights are written, then quantized to q4_k (from under a minute to a few\n' +
+    `First run: writing the synthetic ${model.shape} model to ${tildify(file)}.\n` +
+      `This happens once: about 1 GB of f16 weights are written, then quantized to ${model.type} (from under a minute to a few\n` +
       'minutes, depending on the machine). Later runs reuse the file.\n',
   );
   // Everything is written inside one staging directory, so an interrupt cleans up by removing it.
@@ -344,7 +348,7 @@ async function syntheticModelPath(root: string, signal: AbortSignal): Promise<st
     const staged = path.join(staging, path.basename(file));
     await withStatus('Writing the synthetic model', () =>
       // The writer cannot be cancelled; on SIGINT stop waiting for it (the process then exits).
-      Promise.race([writeSyntheticModel({ ...SYNTHETIC, path: staged }), rejectOnAbort(signal)]),
+      Promise.race([writeSyntheticModel({ ...model, path: staged }), rejectOnAbort(signal)]),
     );
     await fsp.rename(staged, file);
   } finally {
@@ -375,62 +379,6 @@ function rejectOnAbort(signal: AbortSignal): Promise<never> {
     if (signal.aborted) reject(signal.reason);
     signal.addEventListener('abort', () => reject(signal.reason), { once: true });
   });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Progress on stderr
-
-type Progress = (done: number, total: number) => void;
-
-/**
- * Runs `work` under a status line on stderr. On a terminal the line is redrawn in place (and its
- * clock ticks between progress reports, which come once per 512-token batch); elsewhere (logs, CI)
- * it prints a line at each quarter.
- */
-async function withStatus<T>(label: string, work: (progress: Progress) => Promise<T>): Promise<T> {
-  const tty = process.stderr.isTTY === true;
-  const start = performance.now();
-  let done = 0;
-  let total = 0;
-  let quarter = 1;
-  const seconds = (): string => `${((performance.now() - start) / 1000).toFixed(1)} s`;
-  const describe = (): string => {
-    if (total <= 0) return `${label}  ${seconds()}`;
-    const fraction = Math.min(1, done / total);
-    const bar = '#'.repeat(Math.round(fraction * 24)).padEnd(24, '.');
-    const counts = total === 1 ? '' : `  ${fmt(done)}/${fmt(total)} tokens`;
-    return `${label}  [${bar}] ${Math.floor(fraction * 100)}%${counts}  ${seconds()}`;
-  };
-  const draw = (): void => {
-    process.stderr.write(`\r\x1b[K${describe()}`);
-  };
-  const timer = tty ? setInterval(draw, 250) : undefined;
-  timer?.unref();
-  process.stderr.write(tty ? `\r\x1b[K${describe()}` : `${label}...\n`);
-  let finished = false;
-  const progress: Progress = (d, t) => {
-    // Reports travel through a queue and can arrive after the work has settled: drop those.
-    if (finished) return;
-    done = d;
-    total = t;
-    if (tty) draw();
-    // A line per quarter, the last being the finishing line below; none for work that is quick anyway.
-    else if (performance.now() - start >= 1000) {
-      for (; quarter < 4 && t > 0 && d / t >= quarter / 4; quarter++) process.stderr.write(`${describe()}\n`);
-    }
-  };
-  try {
-    const result = await work(progress);
-    if (total > 0) done = total;
-    process.stderr.write(`${tty ? '\r\x1b[K' : ''}${describe()}  done\n`);
-    return result;
-  } catch (err) {
-    if (tty) process.stderr.write('\n');
-    throw err;
-  } finally {
-    finished = true;
-    clearInterval(timer);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,32 +441,3 @@ function median(values: readonly number[]): number {
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
-function round(value: number): number {
-  return Math.round(value * 100) / 100;
-}
-
-function fmt(value: number): string {
-  return value.toLocaleString('en-US');
-}
-
-function ms(value: number): string {
-  return value >= 100 ? fmt(Math.round(value)) : value.toFixed(1);
-}
-
-function times(value: number): string {
-  return `${value >= 10 ? fmt(Math.round(value)) : value.toFixed(1)}×`;
-}
-
-function mb(bytes: number): string {
-  return `${(bytes / 1e6).toFixed(1)} MB`;
-}
-
-function tildify(file: string): string {
-  const home = os.homedir();
-  return file.startsWith(home + path.sep) ? `~${file.slice(home.length)}` : file;
-}
-
-/** Generated text shown safely in a terminal: escaped control characters, no bidi or format marks. */
-function printable(text: string): string {
-  return JSON.stringify(text).replace(/[\p{Cf}\p{Co}\p{Cn}]/gu, '\uFFFD');
-}

@@ -37,6 +37,9 @@ export interface GenerateOptions {
   onProgress?: (done: number, total: number) => void;
   /** Chat template (text or built-in name) instead of the model's. */
   template?: string;
+  /** With a token `prompt`: its first `prefixLength` tokens are a reusable prefix, saved to the
+   * cache when they were not restored from it (as a system prompt's template prefix is). */
+  prefixLength?: number;
 }
 
 export type FinishReason = 'eog' | 'length' | 'stop';
@@ -108,7 +111,8 @@ export function preparePrompt(model: Model, options: GenerateOptions): PreparedP
   if (!chat) {
     if (options.prompt === undefined) throw new TypeError('generate: give a prompt or messages');
     const tokens = typeof options.prompt === 'string' ? model.tokenize(options.prompt, { special: true }) : Int32Array.from(options.prompt);
-    return { tokens, prefixLength: 0 };
+    const prefixLength = options.prefixLength === undefined ? 0 : requireInteger(options.prefixLength, 'prefixLength', 0, tokens.length);
+    return { tokens, prefixLength };
   }
   const messages: ChatMessage[] = [];
   const system = systemText(options.system, options.tools);
@@ -133,6 +137,16 @@ export function preparePrompt(model: Model, options: GenerateOptions): PreparedP
   tokens.set(head);
   tokens.set(tail, head.length);
   return { tokens, prefixLength: head.length };
+}
+
+/**
+ * The tokens generate() caches for this system prompt and tools (its template prefix), or null
+ * when there is none or the chat template renders no separable system turn.
+ */
+export function templatePrefix(model: Model, options: { system?: string; tools?: unknown; template?: string }): Int32Array | null {
+  if (options.system === undefined && options.tools === undefined) return null;
+  const { tokens, prefixLength } = preparePrompt(model, { ...options, prompt: 'Hello.' });
+  return prefixLength > 0 ? tokens.slice(0, prefixLength) : null;
 }
 
 function systemText(system: string | undefined, tools: unknown): string | undefined {
