@@ -9,6 +9,7 @@
 #include "llama/LlamaModel.h"
 #include "llama/LlamaSampler.h"
 #include "llama/Quantize.h"
+#include "rkllm/RkllmRuntime.h"
 
 namespace kvstash {
 
@@ -25,6 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("LlamaModel", model);
   exports.Set("LlamaContext", context);
   exports.Set("LlamaSampler", LlamaSampler::DefineClass(env));
+  exports.Set("RkllmRuntime", RkllmRuntime::DefineClass(env));
   exports.Set("loadModel", Napi::Function::New<LlamaModel::Load>(env, "loadModel"));
   exports.Set("checksum", Napi::Function::New<Checksum>(env, "checksum"));
   exports.Set("quantize", Napi::Function::New<Quantize>(env, "quantize"));

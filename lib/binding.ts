@@ -115,8 +115,127 @@ export interface NativeSampler {
   dispose(): void;
 }
 
+/** The RKLLM runtime versions kvstash declares the ABI of ('1.2.1' covers every 1.2.x from 1.2.1). */
+export type NativeRkllmVersion = '1.3.0' | '1.2.1';
+
+/** Every RKLLMParam and RKLLMExtendParam field, camelCased. `init` takes any subset (plus
+ * modelPath); what is left out keeps the runtime's rkllm_createDefaultParam() value. */
+export interface NativeRkllmParams {
+  modelPath: string;
+  maxContextLen: number;
+  maxNewTokens: number;
+  topK: number;
+  nKeep: number;
+  topP: number;
+  temperature: number;
+  repeatPenalty: number;
+  frequencyPenalty: number;
+  presencePenalty: number;
+  mirostat: number;
+  mirostatTau: number;
+  mirostatEta: number;
+  skipSpecialToken: boolean;
+  /** Runtime 1.3.0 only. */
+  ignoreEosToken?: boolean;
+  /** Must stay false: kvstash runs rkllm_run on its own worker thread. */
+  isAsync: boolean;
+  /** Runtime 1.2.x only. */
+  imgStart?: string | null;
+  imgEnd?: string | null;
+  imgContent?: string | null;
+  baseDomainId: number;
+  embedFlash: boolean;
+  enabledCpusNum: number;
+  enabledCpusMask: number;
+  nBatch: number;
+  useCrossAttn: boolean;
+}
+
+export interface NativeRkllmSampling {
+  topK: number;
+  topP: number;
+  temperature: number;
+  repeatPenalty: number;
+  frequencyPenalty: number;
+  presencePenalty: number;
+  mirostat: number;
+  mirostatTau: number;
+  mirostatEta: number;
+}
+
+export type NativeRkllmInferMode = 'generate' | 'lastHiddenLayer' | 'logits';
+
+/** One rkllm_run: exactly one of prompt, tokens, embedding (with embeddingTokens). */
+export interface NativeRkllmRunOptions {
+  prompt?: string;
+  tokens?: Int32Array;
+  embedding?: Float32Array;
+  embeddingTokens?: number;
+  role?: string;
+  enableThinking?: boolean;
+  keepHistory?: boolean;
+  mode?: NativeRkllmInferMode;
+  loraName?: string;
+  /** prompt_cache_params = {1, path}: the runtime writes this prompt's cache to the path. */
+  savePromptCache?: string;
+  /** Runtime 1.3.0 only; fields left out keep the init values. */
+  sampling?: Partial<NativeRkllmSampling>;
+  /** Runtime 1.3.0 only; 0 = the init value. */
+  maxNewTokens?: number;
+}
+
+export interface NativeRkllmPerf {
+  prefillMs: number;
+  prefillTokens: number;
+  generateMs: number;
+  generateTokens: number;
+  memoryMb: number;
+}
+
+export interface NativeRkllmRunResult {
+  text: string;
+  chunks: string[];
+  tokenIds: Int32Array;
+  /** The runtime sent RKLLM_RUN_FINISH. */
+  finished: boolean;
+  perf: NativeRkllmPerf;
+  hiddenStates?: { data: Float32Array; embdSize: number; tokens: number };
+  logits?: { data: Float32Array; vocabSize: number; tokens: number };
+}
+
+export interface NativeRkllmRuntimeInfo {
+  version: NativeRkllmVersion;
+  libraryPath: string;
+  librarySource: string;
+  initialized: boolean;
+  params: NativeRkllmParams | null;
+}
+
+/** Chunks may arrive after run() settled: `index` orders them and tells which the result already holds. */
+export type NativeRkllmTokenCallback = (text: string, tokenId: number, index: number) => void;
+
+export interface NativeRkllmRuntime {
+  info(): NativeRkllmRuntimeInfo;
+  defaultParams(): NativeRkllmParams;
+  init(params: Partial<NativeRkllmParams> & { modelPath: string }): Promise<NativeRkllmParams>;
+  run(options: NativeRkllmRunOptions, onToken?: NativeRkllmTokenCallback): Promise<NativeRkllmRunResult>;
+  abort(): void;
+  isRunning(): boolean;
+  isBusy(): boolean;
+  clearKvCache(keepSystemPrompt: boolean, start?: Int32Array, end?: Int32Array): void;
+  kvCacheSize(): number[];
+  setChatTemplate(systemPrompt: string, promptPrefix: string, promptPostfix: string): void;
+  setFunctionTools(systemPrompt: string, tools: string, toolResponseStr: string): void;
+  loadLora(path: string, name: string, scale: number): Promise<void>;
+  loadPromptCache(path: string): Promise<void>;
+  releasePromptCache(): void;
+  dispose(): Promise<void>;
+}
+
 export interface NativeBinding {
   LlamaSampler: new (options: NativeSamplerOptions) => NativeSampler;
+  /** Opens librkllmrt.so (path, else RKLLM_LIB_PATH, else the system search path); throws E_RKLLM_UNAVAILABLE. */
+  RkllmRuntime: new (libraryPath: string | undefined, version: NativeRkllmVersion) => NativeRkllmRuntime;
   loadModel(path: string, options: { useMmap?: boolean }, onProgress?: ProgressCallback): Promise<NativeModel>;
   /** XXH64 (seed 0) of the parts, concatenated. */
   checksum(parts: readonly Uint8Array[]): Promise<bigint>;

@@ -1,0 +1,235 @@
+#include "rkllm/RkllmLibrary.h"
+
+#include <dlfcn.h>
+
+#include <cstring>
+
+#include "common/Errors.h"
+
+namespace kvstash {
+
+using namespace rkllm;
+
+namespace {
+
+const char* const kFixHint =
+    "librkllmrt.so comes with Rockchip's rknn-llm SDK (rkllm-runtime/Linux/librkllm_api/aarch64/) and runs on "
+    "aarch64 Linux boards (RK3588, RK3576, RK3562, RV1126B). Pass its path as the `libraryPath` option, set "
+    "RKLLM_LIB_PATH, or install it in the system library path (for example /usr/lib/librkllmrt.so)";
+
+const char* NullIfAbsent(const std::optional<std::string>& s) { return s ? s->c_str() : nullptr; }
+std::optional<std::string> OptionalString(const char* s) { return s ? std::optional<std::string>(s) : std::nullopt; }
+
+template <typename AbiParam>
+void ReadCommonParams(const AbiParam& p, RkllmParams& out) {
+  out.modelPath = p.model_path ? p.model_path : "";
+  out.maxContextLen = p.max_context_len;
+  out.maxNewTokens = p.max_new_tokens;
+  out.topK = p.top_k;
+  out.nKeep = p.n_keep;
+  out.topP = p.top_p;
+  out.temperature = p.temperature;
+  out.repeatPenalty = p.repeat_penalty;
+  out.frequencyPenalty = p.frequency_penalty;
+  out.presencePenalty = p.presence_penalty;
+  out.mirostat = p.mirostat;
+  out.mirostatTau = p.mirostat_tau;
+  out.mirostatEta = p.mirostat_eta;
+  out.skipSpecialToken = p.skip_special_token;
+  out.isAsync = p.is_async;
+  out.baseDomainId = p.extend_param.base_domain_id;
+  out.embedFlash = p.extend_param.embed_flash != 0;
+  out.enabledCpusNum = p.extend_param.enabled_cpus_num;
+  out.enabledCpusMask = p.extend_param.enabled_cpus_mask;
+  out.nBatch = p.extend_param.n_batch;
+  out.useCrossAttn = p.extend_param.use_cross_attn != 0;
+}
+
+// Starts from the runtime's own defaults so reserved bytes (and anything a newer runtime put there)
+// keep the values it chose.
+template <typename AbiParam>
+void WriteCommonParams(const RkllmParams& in, AbiParam& p) {
+  p.model_path = in.modelPath.c_str();
+  p.max_context_len = in.maxContextLen;
+  p.max_new_tokens = in.maxNewTokens;
+  p.top_k = in.topK;
+  p.n_keep = in.nKeep;
+  p.top_p = in.topP;
+  p.temperature = in.temperature;
+  p.repeat_penalty = in.repeatPenalty;
+  p.frequency_penalty = in.frequencyPenalty;
+  p.presence_penalty = in.presencePenalty;
+  p.mirostat = in.mirostat;
+  p.mirostat_tau = in.mirostatTau;
+  p.mirostat_eta = in.mirostatEta;
+  p.skip_special_token = in.skipSpecialToken;
+  p.is_async = in.isAsync;
+  p.extend_param.base_domain_id = in.baseDomainId;
+  p.extend_param.embed_flash = in.embedFlash ? 1 : 0;
+  p.extend_param.enabled_cpus_num = static_cast<int8_t>(in.enabledCpusNum);
+  p.extend_param.enabled_cpus_mask = in.enabledCpusMask;
+  p.extend_param.n_batch = static_cast<uint8_t>(in.nBatch);
+  p.extend_param.use_cross_attn = in.useCrossAttn ? 1 : 0;
+}
+
+template <typename AbiInput>
+void FillInput(RkllmRunRequest& request, AbiInput& input) {
+  input.role = request.role.c_str();
+  input.enable_thinking = request.enableThinking;
+  input.input_type = request.inputType;
+  switch (request.inputType) {
+    case INPUT_TOKEN:
+      input.token_input.input_ids = request.tokens.data();
+      input.token_input.n_tokens = request.tokens.size();
+      break;
+    case INPUT_EMBED:
+      input.embed_input.embed = request.embedding.data();
+      input.embed_input.n_tokens = request.embeddingTokens;
+      break;
+    default:
+      input.prompt_input = request.prompt.c_str();
+      break;
+  }
+}
+
+}  // namespace
+
+std::optional<RkllmVersion> ParseRkllmVersion(const std::string& text) {
+  if (text == "1.3.0") return RkllmVersion::V130;
+  if (text == "1.2.1") return RkllmVersion::V121;
+  return std::nullopt;
+}
+
+const char* RkllmVersionName(RkllmVersion version) { return version == RkllmVersion::V130 ? "1.3.0" : "1.2.1"; }
+
+std::unique_ptr<RkllmLibrary> RkllmLibrary::Open(const std::string& path, const std::string& source, RkllmVersion version) {
+  dlerror();
+  // RTLD_NOW: a missing dependency of the runtime (libomp on Android, a libc too old) fails here,
+  // not at the first call. RTLD_NODELETE: dlclose drops our reference but never unmaps the code,
+  // because a closed runtime's own threads may outlive rkllm_destroy.
+  void* dl = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  if (dl == nullptr) {
+    const char* reason = dlerror();
+    throw NativeError("E_RKLLM_UNAVAILABLE", "the RKLLM runtime could not be loaded from '" + path + "' (" + source +
+                                                 "): " + (reason ? reason : "unknown dlopen error") + ". " + kFixHint);
+  }
+  std::unique_ptr<RkllmLibrary> lib(new RkllmLibrary(dl, path, version));
+  lib->createDefaultParam_ = lib->Resolve("rkllm_createDefaultParam", source);
+  lib->init_ = lib->Resolve("rkllm_init", source);
+  lib->run_ = lib->Resolve("rkllm_run", source);
+  lib->loadLora = reinterpret_cast<rkllm_load_lora_fn>(lib->Resolve("rkllm_load_lora", source));
+  lib->loadPromptCache = reinterpret_cast<rkllm_load_prompt_cache_fn>(lib->Resolve("rkllm_load_prompt_cache", source));
+  lib->releasePromptCache =
+      reinterpret_cast<rkllm_release_prompt_cache_fn>(lib->Resolve("rkllm_release_prompt_cache", source));
+  lib->destroy = reinterpret_cast<rkllm_destroy_fn>(lib->Resolve("rkllm_destroy", source));
+  lib->abort = reinterpret_cast<rkllm_abort_fn>(lib->Resolve("rkllm_abort", source));
+  lib->isRunning = reinterpret_cast<rkllm_is_running_fn>(lib->Resolve("rkllm_is_running", source));
+  lib->clearKvCache = reinterpret_cast<rkllm_clear_kv_cache_fn>(lib->Resolve("rkllm_clear_kv_cache", source));
+  lib->getKvCacheSize = reinterpret_cast<rkllm_get_kv_cache_size_fn>(lib->Resolve("rkllm_get_kv_cache_size", source));
+  lib->setChatTemplate = reinterpret_cast<rkllm_set_chat_template_fn>(lib->Resolve("rkllm_set_chat_template", source));
+  lib->setFunctionTools =
+      reinterpret_cast<rkllm_set_function_tools_fn>(lib->Resolve("rkllm_set_function_tools", source));
+  return lib;
+}
+
+void* RkllmLibrary::Resolve(const char* name, const std::string& source) {
+  dlerror();
+  void* symbol = dlsym(dl_, name);
+  if (symbol == nullptr) {
+    throw NativeError("E_RKLLM_UNAVAILABLE",
+                      "the RKLLM runtime at '" + path_ + "' (" + source + ") has no symbol " + name +
+                          ", which runtime " + RkllmVersionName(version_) +
+                          " provides: it is another RKLLM version or not librkllmrt.so. Declare the version the "
+                          "library is with the `runtimeVersion` option ('1.3.0', or '1.2.1' for any 1.2.1+ 1.2.x "
+                          "runtime), or point `libraryPath`/RKLLM_LIB_PATH at the right librkllmrt.so");
+  }
+  return symbol;
+}
+
+RkllmLibrary::~RkllmLibrary() {
+  if (dl_ != nullptr) dlclose(dl_);
+}
+
+RkllmParams RkllmLibrary::DefaultParams() const {
+  RkllmParams out;
+  if (version_ == RkllmVersion::V130) {
+    v130::RKLLMParam p = reinterpret_cast<v130::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+    ReadCommonParams(p, out);
+    out.ignoreEosToken = p.ignore_eos_token;
+  } else {
+    v121::RKLLMParam p = reinterpret_cast<v121::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+    ReadCommonParams(p, out);
+    out.imgStart = OptionalString(p.img_start);
+    out.imgEnd = OptionalString(p.img_end);
+    out.imgContent = OptionalString(p.img_content);
+  }
+  return out;
+}
+
+int RkllmLibrary::Init(LLMHandle* handle, const RkllmParams& params, LLMResultCallback callback, void* userdata) {
+  if (version_ == RkllmVersion::V130) {
+    v130::RKLLMParam p = reinterpret_cast<v130::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+    WriteCommonParams(params, p);
+    p.ignore_eos_token = params.ignoreEosToken;
+    callbacks_ = v130::RKLLMCallback{};
+    callbacks_.result_callback = callback;
+    // The same pointer goes to every rkllm_run too (which 1.3.0 prefers): the callback finds the
+    // current run through it whichever of the two the runtime passes.
+    callbacks_.result_userdata = userdata;
+    return reinterpret_cast<v130::rkllm_init_fn>(init_)(handle, &p, &callbacks_);
+  }
+  v121::RKLLMParam p = reinterpret_cast<v121::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+  WriteCommonParams(params, p);
+  p.img_start = NullIfAbsent(params.imgStart);
+  p.img_end = NullIfAbsent(params.imgEnd);
+  p.img_content = NullIfAbsent(params.imgContent);
+  return reinterpret_cast<v121::rkllm_init_fn>(init_)(handle, &p, callback);
+}
+
+int RkllmLibrary::Run(LLMHandle handle, RkllmRunRequest& request, void* userdata) const {
+  RKLLMLoraParam lora{};
+  RKLLMPromptCacheParam cache{};
+  if (request.loraName) lora.lora_adapter_name = request.loraName->c_str();
+  if (request.savePromptCachePath) {
+    cache.save_prompt_cache = 1;
+    cache.prompt_cache_path = request.savePromptCachePath->c_str();
+  }
+  if (version_ == RkllmVersion::V130) {
+    v130::RKLLMInput input{};
+    FillInput(request, input);
+    v130::RKLLMSamplingParam sampling{};
+    v130::RKLLMInferParam infer{};
+    infer.mode = request.mode;
+    infer.lora_params = request.loraName ? &lora : nullptr;
+    infer.prompt_cache_params = request.savePromptCachePath ? &cache : nullptr;
+    if (request.sampling) {
+      const RkllmSampling& s = *request.sampling;
+      sampling = v130::RKLLMSamplingParam{s.topK,         s.topP,     s.temperature, s.repeatPenalty, s.frequencyPenalty,
+                                          s.presencePenalty, s.mirostat, s.mirostatTau, s.mirostatEta};
+      infer.sampling_params = &sampling;
+    }
+    infer.keep_history = request.keepHistory ? 1 : 0;
+    infer.max_new_tokens = request.maxNewTokens;
+    return reinterpret_cast<v130::rkllm_run_fn>(run_)(handle, &input, &infer, userdata);
+  }
+  // 1.2.3 renamed the multimodal input; its size there is not among the confirmed facts. Spare
+  // zeroed room after the struct keeps a runtime that copies a larger RKLLMInput inside our memory.
+  struct {
+    v121::RKLLMInput input;
+    unsigned char spare[sizeof(v130::RKLLMInput)];
+  } padded{};
+  FillInput(request, padded.input);
+  v121::RKLLMInferParam infer{};
+  infer.mode = request.mode;
+  infer.lora_params = request.loraName ? &lora : nullptr;
+  infer.prompt_cache_params = request.savePromptCachePath ? &cache : nullptr;
+  infer.keep_history = request.keepHistory ? 1 : 0;
+  return reinterpret_cast<v121::rkllm_run_fn>(run_)(handle, &padded.input, &infer, userdata);
+}
+
+bool RkllmLibrary::IsRunning(LLMHandle handle) const {
+  const int answer = isRunning(handle);
+  return version_ == RkllmVersion::V130 ? answer == 1 : answer == 0;
+}
+
+}  // namespace kvstash
