@@ -23,6 +23,11 @@ export const {
   ENTRY_VERSION,
   generate,
   Generation,
+  loadRkllmModel,
+  RkllmModel,
+  RkllmRuntime,
+  CHATML_TEMPLATE,
+  Session,
   systemInfo,
 } = kvstash;
 export type * from './index.js';

@@ -31,4 +31,39 @@ export {
 export { DirectoryStore, type CacheStore, type StoredEntry } from './cache/store.js';
 export { readEntryFile, readVerifiedEntry, ENTRY_VERSION, type EntryHeader, type EntryFile } from './cache/entry.js';
 export { generate, Generation, type GenerateOptions, type GenerationResult, type FinishReason } from './generate/generate.js';
+export {
+  loadRkllmModel,
+  RkllmModel,
+  CHATML_TEMPLATE,
+  type LoadRkllmModelOptions,
+  type RkllmChatTemplate,
+  type RkllmGenerateOptions,
+  type RkllmGeneration,
+  type RkllmGenerationResult,
+  type RkllmCacheProblem,
+  type SystemPromptCacheUse,
+} from './rkllm/model.js';
+export {
+  RkllmRuntime,
+  type OpenRkllmRuntimeOptions,
+  type RkllmParams,
+  type RkllmRunOptions,
+  type RkllmRunResult,
+  type RkllmRuntimeVersion,
+  type RkllmInferMode,
+  type RkllmSampling,
+  type RkllmPerf,
+} from './rkllm/runtime.js';
+export {
+  Session,
+  type SessionOptions,
+  type OpenOptions,
+  type SendOptions,
+  type CheckpointOptions,
+  type OverflowOptions,
+  type OverflowPolicy,
+  type ResumeReport,
+  type ResumePath,
+  type SessionStats,
+} from './session/session.js';
 export { systemInfo } from './system.js';

@@ -5,7 +5,14 @@
  * 130 interrupted (SIGINT), as shells expect.
  */
 import { isKvstashError } from '../errors.js';
+import { benchCommand } from '../bench/command.js';
+import { chatCommand } from './chat.js';
 import { demoCommand } from './demo.js';
+import { inspectCommand, lsCommand, rmCommand, verifyCommand } from './entries.js';
+import { CommandFailure, UsageError } from './errors.js';
+import { warmCommand } from './warm.js';
+
+export { CommandFailure, UsageError };
 
 export type FlagType = 'string' | 'integer' | 'boolean';
 
@@ -31,22 +38,21 @@ export interface CommandIo {
   signal: AbortSignal;
 }
 
+/** A word on the command line that is not an option, such as the entry of `kvstash rm <entry>`. */
+export interface OperandSpec {
+  name: string;
+  help: string;
+  /** Default false: without it the command line is a usage error. */
+  optional?: boolean;
+}
+
 export interface Command<S extends FlagSpecs = FlagSpecs> {
   summary: string;
   flags: S;
-  /** Resolves with the exit code. */
-  run(flags: Flags<S>, io: CommandIo): Promise<number>;
-}
-
-/** A wrong command line: the message and the usage text go to stderr, exit code 2. */
-export class UsageError extends Error {
-  constructor(
-    message: string,
-    readonly command?: string,
-  ) {
-    super(message);
-    this.name = 'UsageError';
-  }
+  /** The operands the command takes, in order. Default none. */
+  operands?: readonly OperandSpec[];
+  /** Resolves with the exit code. `operands` holds the operands given, in the order declared. */
+  run(flags: Flags<S>, io: CommandIo, operands: readonly string[]): Promise<number>;
 }
 
 const helpCommand: Command = {
@@ -57,6 +63,13 @@ const helpCommand: Command = {
 
 const COMMANDS: Readonly<Record<string, Command>> = {
   demo: demoCommand,
+  chat: chatCommand,
+  bench: benchCommand,
+  warm: warmCommand,
+  ls: lsCommand,
+  inspect: inspectCommand,
+  verify: verifyCommand,
+  rm: rmCommand,
   help: helpCommand,
 };
 
@@ -71,18 +84,43 @@ export function usage(commandName?: string): string {
     const left = spec.type === 'boolean' ? `--${name}` : `--${name} ${spec.value ?? (spec.type === 'integer' ? 'N' : 'value')}`;
     return [left, spec.help] as const;
   });
-  const width = Math.max(0, ...flags.map(([left]) => left.length));
-  const lines = [`Usage: kvstash ${commandName}${flags.length > 0 ? ' [options]' : ''}`, '', command.summary];
-  if (flags.length > 0) lines.push('', 'Options:', ...flags.map(([left, help]) => `  ${left.padEnd(width)}  ${help}`));
+  const operands = (command.operands ?? []).map((o) => [o.optional ? `[${o.name}]` : `<${o.name}>`, o.help] as const);
+  const width = Math.max(0, ...[...operands, ...flags].map(([left]) => left.length));
+  const synopsis = [`kvstash ${commandName}`, ...(flags.length > 0 ? ['[options]'] : []), ...operands.map(([left]) => left)].join(' ');
+  const lines = [`Usage: ${synopsis}`, '', command.summary];
+  const list = (rows: ReadonlyArray<readonly [string, string]>): string[] => rows.map(([left, help]) => `  ${left.padEnd(width)}  ${help}`);
+  if (operands.length > 0) lines.push('', 'Arguments:', ...list(operands));
+  if (flags.length > 0) lines.push('', 'Options:', ...list(flags));
   return lines.join('\n');
 }
 
-/** Parses `--name value`, `--name=value` and boolean `--name`; anything else is a UsageError. */
-export function parseFlags<S extends FlagSpecs>(commandName: string, specs: S, args: readonly string[]): Flags<S> {
+/**
+ * Parses `--name value`, `--name=value`, boolean `--name`, and the command's operands (any other
+ * word; after `--`, every word); anything else is a UsageError.
+ */
+export function parseArguments<S extends FlagSpecs>(
+  commandName: string,
+  command: Pick<Command<S>, 'flags' | 'operands'>,
+  args: readonly string[],
+): { flags: Flags<S>; operands: string[] } {
+  const specs = command.flags;
+  const operandSpecs = command.operands ?? [];
   const flags: Record<string, string | number | boolean> = {};
+  const operands: string[] = [];
+  const addOperand = (arg: string): void => {
+    if (operands.length >= operandSpecs.length) throw new UsageError(`unexpected argument '${arg}'`, commandName);
+    operands.push(arg);
+  };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i]!;
-    if (!arg.startsWith('--') || arg === '--') throw new UsageError(`unexpected argument '${arg}'`, commandName);
+    if (arg === '--' && operandSpecs.length > 0) {
+      args.slice(i + 1).forEach(addOperand);
+      break;
+    }
+    if (!arg.startsWith('--') || arg === '--') {
+      addOperand(arg);
+      continue;
+    }
     const eq = arg.indexOf('=');
     const name = arg.slice(2, eq < 0 ? undefined : eq);
     const spec = Object.prototype.hasOwnProperty.call(specs, name) ? specs[name] : undefined;
@@ -109,7 +147,9 @@ export function parseFlags<S extends FlagSpecs>(commandName: string, specs: S, a
       flags[name] = text;
     }
   }
-  return flags as Flags<S>;
+  const missing = operandSpecs.slice(operands.length).find((o) => !o.optional);
+  if (missing !== undefined) throw new UsageError(`missing <${missing.name}>`, commandName);
+  return { flags: flags as Flags<S>, operands };
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -126,7 +166,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${usage(name)}\n`);
     return 0;
   }
-  const flags = parseFlags(name, command.flags, rest);
+  const { flags, operands } = parseArguments(name, command, rest);
 
   const controller = new AbortController();
   const onSigint = (): void => {
@@ -136,7 +176,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   };
   process.on('SIGINT', onSigint);
   try {
-    return await command.run(flags, { signal: controller.signal });
+    return await command.run(flags, { signal: controller.signal }, operands);
   } catch (err) {
     if (controller.signal.aborted) {
       process.stderr.write('kvstash: interrupted\n');
@@ -154,13 +194,18 @@ function report(err: unknown): number {
     process.stderr.write(`kvstash: ${err.message}\n\n${usage(err.command)}\n`);
     return 2;
   }
+  if (err instanceof CommandFailure) {
+    process.stderr.write(`kvstash: ${err.message}\n`);
+    return 1;
+  }
   if (isKvstashError(err)) {
     process.stderr.write(`kvstash: ${err.code}: ${err.message}\n`);
     return 1;
   }
   const system = err as NodeJS.ErrnoException;
   if (err instanceof Error && typeof system.code === 'string' && typeof system.syscall === 'string') {
-    process.stderr.write(`kvstash: ${system.code}: ${err.message}\n`);
+    // Node's messages mostly start with the code already ("ENOENT: no such file or directory, open …").
+    process.stderr.write(`kvstash: ${err.message.startsWith(system.code) ? '' : `${system.code}: `}${err.message}\n`);
     return 1;
   }
   process.stderr.write(`kvstash: unexpected error (please report it): ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);

@@ -1,0 +1,96 @@
+/** `kvstash bench` (and `npm run bench`): runs the benchmark, writes its JSON, prints its table. */
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { fmt, ms, table, tildify } from '../cli/format.js';
+import type { Command, FlagSpecs, Flags } from '../cli/main.js';
+import { UsageError } from '../cli/errors.js';
+import { userCacheDir } from '../util/paths.js';
+import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from './bench.js';
+
+const BENCH_FLAGS = {
+  quick: { type: 'boolean', help: 'Smoke test: the tiny model and a 300-token prefix (its numbers mean little)' },
+  types: { type: 'string', value: 'q8_0,q4_k', help: `Weight types to measure, comma-separated. Default ${BENCH_TYPES.join(',')}` },
+  'json-only': { type: 'boolean', help: 'Print the JSON report instead of the table (it is written to --out either way)' },
+  out: { type: 'string', value: 'dir', help: 'Where the JSON report is written, as <date>.json. Default ./bench-results' },
+  'cache-dir': {
+    type: 'string',
+    value: 'dir',
+    help: 'Where the synthetic models are kept (in <dir>/models). Default $XDG_CACHE_HOME/kvstash or ~/.cache/kvstash',
+  },
+  repetitions: { type: 'integer', help: `Rounds of warm measurements (rows show the median). Default ${FULL_CONFIG.repetitions}`, min: 1, max: 100 },
+  threads: { type: 'integer', help: `Compute threads, for both libraries. Default ${FULL_CONFIG.threads}`, min: 1, max: 1024 },
+} as const satisfies FlagSpecs;
+
+export const benchCommand: Command<typeof BENCH_FLAGS> = {
+  summary: 'Measure cold vs warm time to first token per cache tier, restore, entry size and shared sessions, beside node-llama-cpp',
+  flags: BENCH_FLAGS,
+  run: runBenchCommand,
+};
+
+async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { signal: AbortSignal }): Promise<number> {
+  const quick = flags.quick === true;
+  const types = parseTypes(flags.types);
+  const base = quick ? QUICK_CONFIG : FULL_CONFIG;
+  const config = { ...base, repetitions: flags.repetitions ?? base.repetitions, threads: flags.threads ?? base.threads };
+  const report = await runBench({
+    config,
+    quick,
+    types,
+    modelRoot: flags['cache-dir'] === undefined ? userCacheDir() : path.resolve(flags['cache-dir']),
+    signal,
+  });
+  const outDir = path.resolve(flags.out ?? 'bench-results');
+  await fsp.mkdir(outDir, { recursive: true });
+  const file = path.join(outDir, `${report.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`);
+  await fsp.writeFile(file, `${JSON.stringify(report, null, 2)}\n`);
+  if (flags['json-only'] === true) process.stdout.write(`${JSON.stringify(report)}\n`);
+  else process.stdout.write(`${renderReport(report)}\nReport written to ${tildify(file)}\n`);
+  return 0;
+}
+
+function parseTypes(text: string | undefined): BenchType[] {
+  if (text === undefined) return [...BENCH_TYPES];
+  const types = text.split(',').map((t) => t.trim());
+  for (const type of types) {
+    if (!(BENCH_TYPES as readonly string[]).includes(type)) throw new UsageError(`--types takes ${BENCH_TYPES.join(', ')}, got '${type}'`, 'bench');
+  }
+  return [...new Set(types)] as BenchType[];
+}
+
+/** The report for a person: one column per weight type, then the targets. */
+export function renderReport(report: BenchReport): string {
+  const { config, results } = report;
+  const lines: string[] = [];
+  const nlc = 'version' in report.nodeLlamaCpp ? `node-llama-cpp ${report.nodeLlamaCpp.version} (${report.nodeLlamaCpp.buildType})` : `node-llama-cpp: ${report.nodeLlamaCpp.unavailable}`;
+  lines.push(
+    `kvstash bench: synthetic ${config.shape}, ${fmt(config.prefixTokens)}-token prefix + ${config.suffixTokens}-token suffix, ` +
+      `${config.threads} threads, batch ${config.batchSize}, medians of ${config.repetitions} rounds`,
+    `llama.cpp ${report.kvstash.llamaCommit}; ${nlc}; ${report.machine.cpu}, ${report.machine.cores} cores; ` +
+      `load average ${report.machine.loadAverage.start[0]} → ${report.machine.loadAverage.end[0]}`,
+    `Page-cache eviction: ${config.eviction.method} (${config.eviction.note})`,
+    '',
+  );
+  const header = ['', ...results.map((r) => r.type)];
+  const rows = ROWS.map(([id, label, unit]) => [`${label}${unit === 'bytes' || unit === 'cells' || unit === 'tokens' ? '' : ` (${unit})`}`, ...results.map((r) => cell(r.rows[id], unit))]);
+  lines.push(table(header, rows, ['left', ...results.map(() => 'right' as const)]), '');
+  lines.push('Targets');
+  const targetRows = report.targets.map((t) => [
+    t.met === null ? 'not measured' : t.met ? 'met' : 'NOT MET',
+    t.type,
+    t.value === null ? '-' : t.unit === 'ms' ? `${t.value.toFixed(2)} ms` : `${t.value.toFixed(3)}×`,
+    `${t.op} ${t.limit}${t.unit === 'ms' ? ' ms' : '×'}`,
+    t.description,
+  ]);
+  lines.push(table(['', 'type', 'measured', 'target', ''], targetRows, ['left', 'left', 'right', 'left', 'left']));
+  for (const r of results.filter((r) => !r.sessions.sameTokensAsSequential)) {
+    lines.push('', `Note (${r.type}): ${r.sessions.sessionsMatchingSequential} of ${config.sessions} concurrent sessions generated the tokens of the same session run alone (other batch splits; random weights give near-tied logits).`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+function cell(value: number | null, unit: string): string {
+  if (value === null) return '-';
+  if (unit === 'ms') return ms(value);
+  if (unit === 'tok/s' || unit === 'MB/s') return value >= 100 ? fmt(Math.round(value)) : value.toFixed(1);
+  return fmt(value);
+}

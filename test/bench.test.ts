@@ -1,0 +1,73 @@
+// `npm run bench -- --quick` end to end, as a developer runs it: the compiled entry point in a child
+// process, on the tiny model. It checks that every row and every target of the report is there with a
+// number; it asserts no timing (the machine is shared, and the tiny model's timings mean little).
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { BENCH_TYPES, ROWS, type BenchReport } from '../lib/bench/bench.js';
+import { TARGET_IDS } from '../lib/bench/targets.js';
+
+// The compiled entry (npm install compiles dist/); after editing lib/, run `node scripts/build-ts.js`.
+const RUN = path.resolve(__dirname, '..', 'dist', 'bench', 'run.js');
+
+function runBench(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [RUN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk));
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+t.before(() => {
+  if (!fs.existsSync(RUN)) throw new Error(`${RUN} is missing: run \`node scripts/build-ts.js\` (npm install does it)`);
+});
+
+t.test('bench --quick: every row and every target, for every type, with numbers', async (t) => {
+  const dir = t.testdir();
+  const out = path.join(dir, 'results');
+  const { code, stdout, stderr } = await runBench(['--quick', '--json-only', '--repetitions', '2', '--out', out, '--cache-dir', dir]);
+  t.equal(code, 0, `exit 0 (stderr: ${stderr.slice(-2000)})`);
+
+  const files = fs.readdirSync(out).filter((f) => f.endsWith('.json'));
+  t.equal(files.length, 1, 'one JSON report in --out');
+  const report = JSON.parse(fs.readFileSync(path.join(out, files[0]!), 'utf8')) as BenchReport;
+  t.same(JSON.parse(stdout), report, '--json-only prints the report it wrote');
+
+  t.equal(report.format, 'kvstash-bench/1');
+  t.equal(report.quick, true);
+  t.equal(report.config.shape, 'tiny');
+  t.equal(report.config.threads, 2);
+  t.ok('version' in report.nodeLlamaCpp, `node-llama-cpp was measured (${JSON.stringify(report.nodeLlamaCpp)})`);
+  t.same(report.results.map((r) => r.type), [...BENCH_TYPES], 'both weight types');
+
+  for (const result of report.results) {
+    t.equal(result.prompt.prefixTokens, 300, `${result.type}: a 300-token prefix`);
+    t.equal(result.prompt.suffixTokens, 50, `${result.type}: a 50-token suffix`);
+    for (const [id] of ROWS) {
+      const value = result.rows[id];
+      t.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${result.type} ${id} is a number (${value})`);
+    }
+    t.same(result.sessions.tiers, Array(report.config.sessions).fill('resident'), `${result.type}: every session restored the template from the resident copy`);
+    t.equal(result.sessions.kvBytesPerCellMeasured, result.sessions.kvBytesPerCellFromShape, `${result.type}: the state sizes give the KV bytes per cell of the shape`);
+  }
+
+  for (const type of BENCH_TYPES) {
+    const targets = report.targets.filter((target) => target.type === type);
+    t.same(targets.map((target) => target.id), [...TARGET_IDS], `${type}: every target, in order`);
+    for (const target of targets) {
+      t.ok(typeof target.value === 'number' && Number.isFinite(target.value), `${type} ${target.id}: measured ${target.value}`);
+      t.equal(typeof target.met, 'boolean', `${type} ${target.id}: judged met or not met`);
+    }
+  }
+});
+
+t.test('bench rejects an unknown weight type with a usage error', async (t) => {
+  const { code, stderr } = await runBench(['--quick', '--types', 'q3_k']);
+  t.equal(code, 2);
+  t.match(stderr, /--types takes q8_0, q4_k, got 'q3_k'/);
+});

@@ -1,0 +1,54 @@
+// Crash and resume: a child process runs a scripted conversation and is killed with SIGKILL at
+// random moments. Every resume succeeds, keeps every turn whose send() had completed, never loads a
+// corrupt checkpoint, and continues exactly as an uninterrupted run.
+import path from 'node:path';
+import t from 'tap';
+import { loadModel, PromptCache, Session } from '../lib/index.js';
+import { tinyModel } from './helpers/fixtures.js';
+import { CONTEXT, SEND, readScript, runChild, writeScript } from './helpers/session-script.js';
+
+const TURNS = 6;
+const TRIALS = Number(process.env.KVSTASH_CRASH_TRIALS ?? 30);
+
+t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
+  const modelPath = await tinyModel();
+  const root = t.testdir();
+
+  // The uninterrupted run: the transcript every trial must reproduce.
+  const referenceScript = writeScript(path.join(root, 'reference'), modelPath, TURNS);
+  const { conversationMs } = await runChild(referenceScript);
+  const model = await loadModel(modelPath);
+  const referenceContext = await model.createContext(CONTEXT);
+  const reference = await Session.resume({ dir: path.join(root, 'reference'), id: 'chat', context: referenceContext });
+  const expected = reference.history.map((m) => m.content);
+  t.same(expected.filter((_, i) => i % 2 === 0), readScript(referenceScript).messages);
+  await reference.close();
+  await referenceContext.dispose();
+
+  let random = 12345;
+  const nextRandom = () => (random = (random * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  const paths: Record<string, number> = {};
+  for (let trial = 0; trial < TRIALS; trial++) {
+    const dir = path.join(root, `trial-${trial}`);
+    const killAfter = Math.floor(nextRandom() * conversationMs);
+    const { done } = await runChild(writeScript(dir, modelPath, TURNS), killAfter);
+
+    const context = await model.createContext(CONTEXT);
+    const session = await Session.resume({ dir, id: 'chat', context, cache: new PromptCache({ dir: path.join(dir, 'cache') }) });
+    const report = session.resumeReport!;
+    paths[report.path] = (paths[report.path] ?? 0) + 1;
+    const turns = session.history.length / 2;
+    t.ok(turns >= done, `trial ${trial}, killed after ${killAfter} ms: ${turns} turns kept, ${done} reported done; resumed by ${report.path}`);
+    t.same(session.history.map((m) => m.content), expected.slice(0, turns * 2), `trial ${trial}: the transcript is the uninterrupted one`);
+    // Checkpoints are written atomically: none can be torn, so none is ever skipped as corrupt.
+    t.same(report.skippedCheckpoints.filter((s) => /corrupt/.test(s.reason)), [], `trial ${trial}: no corrupt checkpoint`);
+    if (turns < TURNS) {
+      const reply = await session.send(expected[turns * 2]!, SEND).result;
+      t.equal(reply.text, expected[turns * 2 + 1], `trial ${trial}: the next reply equals the uninterrupted run's`);
+    }
+    await session.close();
+    await context.dispose();
+  }
+  t.comment(`resume paths: ${JSON.stringify(paths)}`);
+  await model.dispose();
+});
