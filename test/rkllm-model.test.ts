@@ -3,11 +3,22 @@
 // stats show only the new tokens prefilled) with the same answer as a full prefill; switching
 // system prompts releases the previous cache first; cache problems cost only the speed-up;
 // abort, dispose and runtime failures end a generation with coded errors and leave no handle.
+// The caches are kvstash cache entries: PromptCache and the CLI list, verify and delete them, a
+// corrupt one is never loaded, and restore() never puts one into a llama.cpp context.
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { CHATML_TEMPLATE, KvstashError, loadRkllmModel, type LoadRkllmModelOptions, type RkllmCacheProblem, type RkllmModel } from '../lib/index.js';
-import { defaultRkllmCacheDir, rkllmModelName } from '../lib/rkllm/system-prompt-cache.js';
+import { readEntryFile } from '../lib/cache/entry.js';
+import { mismatchReason } from '../lib/cache/identity.js';
+import { CHATML_TEMPLATE, KvstashError, loadRkllmModel, PromptCache, type LoadRkllmModelOptions, type RkllmCacheProblem, type RkllmModel } from '../lib/index.js';
+import {
+  defaultRkllmCacheDir,
+  rkllmModelName,
+  RKLLM_FINGERPRINT_SCHEME,
+  systemPromptCacheLabel,
+  systemPromptSha256,
+} from '../lib/rkllm/system-prompt-cache.js';
+import { CLI, runCli } from './helpers/cli.js';
 import { FAKE_VERSIONS, FakeLog, failing, fakeModelFile, fakeRuntimeLibrary, type FakeVersion } from './helpers/fake-rkllm.js';
 
 const root = t.testdir();
@@ -32,8 +43,15 @@ function load(version: FakeVersion, options: LoadRkllmModelOptions = {}): Promis
   });
 }
 
+/** Every file in a cache folder, hidden ones (temporary files) included. */
 function cacheFiles(dir: string): string[] {
   return fs.existsSync(dir) ? fs.readdirSync(dir).sort() : [];
+}
+
+function entryFile(dir: string): string {
+  const entries = cacheFiles(dir).filter((f) => f.endsWith('.kvstash'));
+  if (entries.length !== 1) throw new Error(`expected one entry in ${dir}: ${cacheFiles(dir).join(', ')}`);
+  return path.join(dir, entries[0]!);
 }
 
 t.test('model name and default cache folder follow models/<name>/<file>.rkllm', async (t) => {
@@ -45,13 +63,36 @@ t.test('model name and default cache folder follow models/<name>/<file>.rkllm', 
   t.equal(model.cacheDir, path.join(root, 'xdg', 'kvstash', 'rkllm', 'qwen-fake'));
   const result = await model.generate({ system: 'short', prompt: 'hi' }).result;
   t.equal(result.systemPromptCache, 'created');
-  t.equal(cacheFiles(model.cacheDir!).length, 2, 'the cache and its record, in the default folder');
+  t.match(cacheFiles(model.cacheDir!), [/^[0-9a-f]{32}\.kvstash$/], 'one cache entry, in the default folder');
   await model.dispose();
   const named = await loadRkllmModel(modelPath, { libraryPath: fakeRuntimeLibrary('1.3.0'), name: 'mine', cacheDir: null });
   t.equal(named.name, 'mine');
   t.equal(named.cacheDir, null);
   t.equal((await named.generate({ system: 'short', prompt: 'hi' }).result).systemPromptCache, 'none', 'cacheDir null: no caching');
   await named.dispose();
+});
+
+t.test('the kvstash CLI lists, inspects, verifies and removes RKLLM caches', { skip: fs.existsSync(CLI) ? false : `${CLI} is not built` }, async (t) => {
+  const cacheDir = path.join(root, 'cli-cache');
+  const model = await load('1.3.0', { cacheDir });
+  await model.generate({ system: SYSTEM, prompt: PROMPT }).result;
+  await model.dispose();
+  const label = systemPromptCacheLabel(rendered(SYSTEM));
+  const file = entryFile(cacheDir);
+  const inDir = ['--cache-dir', cacheDir];
+
+  const ls = await runCli(['ls', ...inDir, '--json']);
+  t.equal(ls.code, 0, ls.stderr);
+  t.match(JSON.parse(ls.stdout), [{ label, tokenCount: 0, path: file, model: { name: 'qwen-fake', architecture: 'rkllm' } }]);
+  const inspect = await runCli(['inspect', label, ...inDir, '--json']);
+  t.equal(inspect.code, 0, inspect.stderr);
+  t.match(JSON.parse(inspect.stdout), { path: file, header: { kind: 'rkllm/prompt-cache', backend: { name: 'rkllm', version: '1.3.0' } }, check: { ok: true } });
+  const verify = await runCli(['verify', ...inDir, '--json']);
+  t.equal(verify.code, 0, verify.stderr);
+  t.match(JSON.parse(verify.stdout), { ok: 1, corrupt: [] });
+  const rm = await runCli(['rm', label, ...inDir]);
+  t.equal(rm.code, 0, rm.stderr);
+  t.same(cacheFiles(cacheDir), [], 'removed');
 });
 
 for (const version of FAKE_VERSIONS) {
@@ -92,12 +133,53 @@ for (const version of FAKE_VERSIONS) {
       t.equal(path.dirname(saved.path), cacheDir, 'into a temporary file beside the cache');
       t.match(answer, { input: { prompt: PROMPT, role: 'user', enable_thinking: false }, infer: { mode: 0, prompt_cache: null, keep_history: 0 } });
       const files = cacheFiles(cacheDir);
-      t.equal(files.length, 2, `the cache file and its record: ${files.join(', ')}`);
-      const cacheFile = path.join(cacheDir, files.find((f) => f.endsWith('.prompt-cache'))!);
-      t.equal(log.last('rkllm_load_prompt_cache').path, cacheFile);
+      t.match(files, [/^[0-9a-f]{32}\.kvstash$/], 'one kvstash entry, no temporary file left');
+      const cacheFile = path.join(cacheDir, files[0]!);
+      const loadedFrom = log.last('rkllm_load_prompt_cache').path as string;
+      t.equal(path.dirname(loadedFrom), cacheDir, 'the payload was extracted beside the entry');
+      t.equal(loadedFrom, saved.path, 'a new cache is loaded from the file the runtime wrote');
       t.equal(log.last('rkllm_load_prompt_cache').tokens, bytes(rendered(SYSTEM)), 'the cache holds exactly the system block');
-      const record = JSON.parse(fs.readFileSync(`${cacheFile}.json`, 'utf8'));
-      t.match(record, { runtimeVersion: version, modelIdentity: model.identity, systemPrompt: rendered(SYSTEM), bytes: fs.statSync(cacheFile).size });
+
+      // The entry: the runtime's file, wrapped in the verified kvstash header.
+      const entry = await readEntryFile(cacheFile);
+      t.equal(path.basename(cacheFile), `${entry.key}.kvstash`);
+      const runtimeFileBytes = 8 + 4 + 4 * bytes(rendered(SYSTEM)); // the fake's magic, count, tokens
+      t.same(
+        { ...entry.header, createdAt: 'x' },
+        {
+          kind: 'rkllm/prompt-cache',
+          backend: { name: 'rkllm', version },
+          model: { fingerprint: model.identity, fingerprintScheme: RKLLM_FINGERPRINT_SCHEME, name: 'qwen-fake', architecture: 'rkllm' },
+          layout: { systemPromptSha256: systemPromptSha256(rendered(SYSTEM)), maxContextLen: '512', nBatch: '1' },
+          tokenCount: 0,
+          tokens: [],
+          label: systemPromptCacheLabel(rendered(SYSTEM)),
+          createdAt: 'x',
+          payloadBytes: runtimeFileBytes,
+        },
+        'header fields exact',
+      );
+      t.equal(RKLLM_FINGERPRINT_SCHEME, 'kvstash-rkllm-fp-v1');
+      t.ok(Date.parse(entry.header.createdAt) > 0);
+      const payload = fs.readFileSync(cacheFile).subarray(entry.payloadOffset, entry.checkedLength);
+      t.equal(payload.subarray(0, 8).toString('latin1'), 'FAKERKPC', "the payload is the runtime's file: its magic");
+      t.equal(payload.readUInt32LE(8), bytes(rendered(SYSTEM)), 'its token count');
+      t.same([...payload.subarray(12).values()].filter((_, i) => i % 4 === 0), [...Buffer.from(rendered(SYSTEM))], 'its tokens (bytes)');
+
+      // PromptCache sees an ordinary entry; restore() would never use it for llama.cpp.
+      const cache = new PromptCache({ dir: cacheDir });
+      t.same(await cache.verify(), { ok: 1, corrupt: [] });
+      const listed = await cache.list();
+      t.equal(listed.length, 1);
+      t.match(listed[0], { key: entry.key, label: systemPromptCacheLabel(rendered(SYSTEM)), tokenCount: 0, tiers: ['disk'], path: cacheFile, model: { name: 'qwen-fake' } });
+      t.equal((await cache.get(systemPromptCacheLabel(rendered(SYSTEM))))?.key, entry.key);
+      const llama = {
+        kind: 'llama.cpp/sequence-state' as const,
+        backend: { name: 'llama.cpp', version: 'b0000' },
+        model: { fingerprint: model.identity, fingerprintScheme: RKLLM_FINGERPRINT_SCHEME, name: 'qwen-fake', architecture: 'qwen2' },
+        layout: { kvType: 'f16', flashAttention: 'off' },
+      };
+      t.match(mismatchReason(entry.header, llama), /holds rkllm\/prompt-cache, not llama\.cpp\/sequence-state/, 'the kind is compared first');
 
       log.clear();
       const r2 = await model.generate({ system: SYSTEM, prompt: PROMPT }).result;
@@ -147,7 +229,8 @@ for (const version of FAKE_VERSIONS) {
       const none = await model.generate({ prompt: PROMPT }).result;
       t.equal(none.systemPromptCache, 'none');
       t.match(log.calls('rkllm_set_chat_template')[0], { system_prompt: '', prompt_prefix: CHATML_TEMPLATE.prefix });
-      t.equal(cacheFiles(cacheDir).length, 4, 'two caches, two records');
+      t.equal(cacheFiles(cacheDir).length, 2, 'two cache entries, nothing else');
+      t.same((await new PromptCache({ dir: cacheDir }).list()).map((e) => e.label).sort(), [systemPromptCacheLabel(rendered('System A')), systemPromptCacheLabel(rendered('System B'))].sort());
       await model.dispose();
     });
 
@@ -276,15 +359,46 @@ for (const version of FAKE_VERSIONS) {
       t.same(cacheFiles(cacheDir), [], 'the refused cache was removed');
       await loader.dispose();
 
-      // A record that does not match its file (edited, or the cache replaced) makes a new cache.
+      // One flipped payload byte: the entry fails its checksum, is reported, never reaches the
+      // runtime, and is made again from a full prefill of the system block; same answer.
       const first = await load(version, { cacheDir });
-      await first.generate({ system: SYSTEM, prompt: PROMPT }).result;
+      const original = await first.generate({ system: SYSTEM, prompt: PROMPT }).result;
       await first.dispose();
-      const file = path.join(cacheDir, cacheFiles(cacheDir).find((f) => f.endsWith('.prompt-cache'))!);
-      fs.appendFileSync(file, 'garbage');
+      const file = entryFile(cacheDir);
+      const { payloadOffset } = await readEntryFile(file);
+      const damaged = fs.readFileSync(file);
+      damaged[payloadOffset + 12] ^= 0x01; // the first token of the fake's cache file
+      fs.writeFileSync(file, damaged);
+      t.same(await new PromptCache({ dir: cacheDir }).verify().then((r) => r.corrupt.map((c) => c.path)), [file], 'verify() finds it');
       const second = await load(version, { cacheDir });
-      t.equal((await second.generate({ system: SYSTEM, prompt: PROMPT }).result).systemPromptCache, 'created', 'made again');
+      second.on('problem', (p: RkllmCacheProblem) => problems.push(p));
+      log.clear();
+      const remade = await second.generate({ system: SYSTEM, prompt: PROMPT }).result;
+      t.equal(remade.systemPromptCache, 'created', 'made again');
+      t.match(problems[2], { code: 'E_CACHE_CORRUPT', message: /checksum/, path: file });
+      t.equal(problems.length, 3, 'one problem reported');
+      t.same(log.sequence(), [
+        'rkllm_set_chat_template',
+        'rkllm_run', // the system block, from scratch
+        'rkllm_run:end',
+        'rkllm_set_chat_template',
+        'rkllm_load_prompt_cache', // the new cache only
+        'rkllm_run',
+        'rkllm_run:end',
+      ]);
+      t.match(log.calls('rkllm_run:end')[0], { prefill_tokens: bytes(rendered(SYSTEM)), cached_tokens: 0 }, 'a full prefill of the system block');
+      t.equal(remade.text, original.text, 'the output is unchanged');
+      t.equal(remade.prefillTokens, userPart(PROMPT));
       await second.dispose();
+      t.same(await new PromptCache({ dir: cacheDir }).verify(), { ok: 1, corrupt: [] }, 'the new entry is sound');
+
+      // PromptCache.delete(label) removes it; the next start makes it again.
+      const label = systemPromptCacheLabel(rendered(SYSTEM));
+      t.equal(await new PromptCache({ dir: cacheDir }).delete(label), 1);
+      t.same(cacheFiles(cacheDir), [], 'deleted');
+      const third = await load(version, { cacheDir });
+      t.equal((await third.generate({ system: SYSTEM, prompt: PROMPT }).result).systemPromptCache, 'created');
+      await third.dispose();
       // Another model file (same folder name): another identity, so the cache is not used.
       const otherModel = fakeModelFile(path.join(root, 'elsewhere'), 'qwen-fake');
       fs.appendFileSync(otherModel, 'different weights');

@@ -36,10 +36,13 @@ const MAX_HEADER_BYTES = 64 << 20;
 
 export type EntryPayloadKind = 'llama.cpp/sequence-state' | 'rkllm/prompt-cache';
 
-/** What changes the layout of the state bytes: entries load only into contexts that agree. */
+/**
+ * What changes the layout of the state bytes: entries load only into contexts that agree on every
+ * field. Each kind has its own fields, all strings: llama.cpp sequence states have `kvType` and
+ * `flashAttention`; RKLLM prompt caches have those of lib/rkllm/system-prompt-cache.ts.
+ */
 export interface EntryLayout {
-  kvType: string;
-  flashAttention: string;
+  readonly [field: string]: string;
 }
 
 export interface EntryHeader {

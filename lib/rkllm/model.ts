@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import fsp from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import type { FinishReason } from '../generate/generate.js';
@@ -9,10 +10,12 @@ import { RkllmRuntime, requireTokenLimit, type OpenRkllmRuntimeOptions, type Rkl
 import {
   createSystemPromptCache,
   defaultRkllmCacheDir,
-  findSystemPromptCache,
+  prepareSystemPromptCache,
   removeSystemPromptCache,
   rkllmModelIdentity,
   rkllmModelName,
+  systemPromptCachePath,
+  type PreparedSystemPromptCache,
   type SystemPromptCacheKey,
 } from './system-prompt-cache.js';
 
@@ -72,7 +75,7 @@ export interface RkllmGenerateOptions {
 export type SystemPromptCacheUse =
   | 'none' // no system prompt, caching off, or no cache directory
   | 'resident' // already loaded by an earlier generation of this model object
-  | 'loaded' // loaded from its file (made by an earlier process or model object)
+  | 'loaded' // loaded from its cache entry (made by an earlier process or model object)
   | 'created' // made now, then loaded
   | 'failed'; // could not be made or loaded (a 'problem' event says why): full prefill
 
@@ -144,6 +147,7 @@ export class RkllmModel extends EventEmitter {
   private disposing: Promise<void> | undefined;
   /** [rendered system prompt, caching] the runtime's template and loaded cache correspond to. */
   private templateState: string | undefined;
+  /** The entry file of the loaded prompt cache. */
   private loadedCache: string | undefined;
 
   /** @internal Use loadRkllmModel(). */
@@ -317,39 +321,66 @@ export class RkllmModel extends EventEmitter {
       this.loadedCache = undefined;
     }
     let use: SystemPromptCacheUse = 'none';
-    let file: string | undefined;
-    if (caching) ({ use, file } = await this.findOrCreateCache(rendered, signal));
-    await this.runtime.setChatTemplate(rendered, this.chatTemplate.prefix, this.chatTemplate.postfix);
-    if (file !== undefined) {
-      try {
-        await this.runtime.loadPromptCache(file);
-        this.loadedCache = file;
-      } catch (err) {
-        if (!isCacheProblem(err)) throw err;
-        this.report(err, file);
-        // A file the runtime refuses would be refused on every start: make it again next time.
-        await removeSystemPromptCache(file).catch(() => undefined);
-        use = 'failed';
+    let prepared: PreparedSystemPromptCache | undefined;
+    if (caching) ({ use, prepared } = await this.findOrCreateCache(rendered, signal));
+    try {
+      await this.runtime.setChatTemplate(rendered, this.chatTemplate.prefix, this.chatTemplate.postfix);
+      if (prepared !== undefined) {
+        try {
+          await this.runtime.loadPromptCache(prepared.payloadPath);
+          this.loadedCache = prepared.entryPath;
+        } catch (err) {
+          if (!isCacheProblem(err)) throw err;
+          this.report(err, prepared.entryPath);
+          // An entry the runtime refuses would be refused on every start: make it again next time.
+          await removeSystemPromptCache(prepared.entryPath).catch(() => undefined);
+          use = 'failed';
+        }
       }
+    } finally {
+      // The runtime has read the extracted file; the entry is what stays.
+      if (prepared !== undefined) await fsp.rm(prepared.payloadPath, { force: true }).catch(() => undefined);
     }
     this.templateState = state;
     return use;
   }
 
-  private async findOrCreateCache(rendered: string, signal: AbortSignal | undefined): Promise<{ use: SystemPromptCacheUse; file?: string }> {
+  private cacheKey(rendered: string): SystemPromptCacheKey {
+    return {
+      runtimeVersion: this.runtime.version,
+      modelIdentity: this.identity,
+      modelName: this.name,
+      systemPrompt: rendered,
+      maxContextLen: this.runtime.params.maxContextLen,
+      nBatch: this.runtime.params.nBatch,
+    };
+  }
+
+  private async findOrCreateCache(
+    rendered: string,
+    signal: AbortSignal | undefined,
+  ): Promise<{ use: SystemPromptCacheUse; prepared?: PreparedSystemPromptCache }> {
     const cacheDir = this.cacheDir!;
-    const key: SystemPromptCacheKey = { runtimeVersion: this.runtime.version, modelIdentity: this.identity, systemPrompt: rendered };
-    const existing = await findSystemPromptCache(cacheDir, key);
-    if (existing !== undefined) return { use: 'loaded', file: existing };
+    const key = this.cacheKey(rendered);
+    try {
+      const existing = await prepareSystemPromptCache(cacheDir, key);
+      if (existing !== undefined) return { use: 'loaded', prepared: existing };
+    } catch (err) {
+      // Corrupt or mismatched: never loaded. Reported, then made again (replacing the entry).
+      if (!isCacheProblem(err)) throw err;
+      const entryPath = systemPromptCachePath(cacheDir, key);
+      this.report(err, entryPath);
+      await removeSystemPromptCache(entryPath).catch(() => undefined);
+    }
     try {
       // The cache must hold exactly the fixed prefix, since the runtime matches later prompts
       // against it from the start: evaluate the system block alone, as raw text (empty template),
       // without generating.
       await this.runtime.setChatTemplate('', '', '');
-      const file = await createSystemPromptCache(cacheDir, key, async (temporary) => {
+      const prepared = await createSystemPromptCache(cacheDir, key, async (temporary) => {
         await this.runtime.run({ prompt: rendered, mode: 'lastHiddenLayer', keepHistory: false, savePromptCache: temporary, signal });
       });
-      return { use: 'created', file };
+      return { use: 'created', prepared };
     } catch (err) {
       if (!isCacheProblem(err)) throw err;
       this.report(err, undefined);

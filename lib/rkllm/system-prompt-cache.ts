@@ -1,39 +1,71 @@
 /**
- * RKLLM prompt-cache files for system prompts: where they live, what they are keyed by, and the
- * small JSON record beside each that says what it holds. All of the file logic of the RKLLM
- * backend is here, so that it can move behind the kvstash cache entry format (verified header,
- * fingerprint, listing, eviction) without touching the model code.
+ * RKLLM prompt caches for system prompts, kept as kvstash cache entries: where they live, what they
+ * are keyed by, and how the runtime's own file goes in and out of an entry. All of the file logic
+ * of the RKLLM backend is here; the model code only asks for a cache and loads the path it gets.
  *
- * Layout: `<cacheDir>/system-<key>.prompt-cache` is the runtime's own file (written by rkllm_run
- * with prompt_cache_params, read by rkllm_load_prompt_cache); `<same>.json` is the record. A cache
- * counts only when its record matches (same model identity, runtime version and system text) and
- * the cache file has the recorded size; anything else is treated as absent and made again.
+ * Each cache is `<cacheDir>/<key>.kvstash`, an ordinary entry (lib/cache/entry.ts) whose payload is
+ * the exact bytes the runtime wrote with prompt_cache_params. So `new PromptCache({ dir: cacheDir })`
+ * and `kvstash ls|inspect|verify|rm --cache-dir <cacheDir>` list, check and delete them like llama.cpp
+ * entries; PromptCache.restore() never loads one into a llama.cpp context, because mismatchReason()
+ * compares the kind first (and an RKLLM entry has no tokens, so it never even counts as a candidate
+ * worth reporting).
+ *
+ * Header:
+ *   kind     'rkllm/prompt-cache'
+ *   backend  { name: 'rkllm', version: the runtime ABI version ('1.3.0', '1.2.1') }
+ *   model    { fingerprint: rkllmModelIdentity(), fingerprintScheme: RKLLM_FINGERPRINT_SCHEME,
+ *              name: the model's name, architecture: 'rkllm' }
+ *   layout   { systemPromptSha256, maxContextLen, nBatch } (strings)
+ *   tokens   [] (tokenCount 0)
+ *   label    `rkllm-system-<first 12 hex digits of systemPromptSha256>`
+ *
+ * Why the tokens are empty: RKLLM caches are made from text (the runtime tokenizes inside; kvstash
+ * never sees its token ids), and an RKLLM entry is never matched by prefix against a token list.
+ * What the cache holds is named by the SHA-256 of the system prompt's UTF-8 text (chat template
+ * applied), put in the layout so that it is part of the entry key and compared on load like every
+ * other layout field; the label repeats its start so that `kvstash ls` tells caches apart and
+ * `kvstash rm <label>` names one. maxContextLen and nBatch are in the layout because they size the
+ * runtime's KV cache, and a cache made for another size is not guaranteed to load.
+ *
+ * Loading: the entry is read whole and verified (checksum over every byte) and its identity
+ * checked, then its payload is written to a hidden temporary file beside it, which the caller hands
+ * to rkllm_load_prompt_cache and removes afterwards (the runtime reads the file while loading).
+ * A corrupt or mismatched entry is an error the caller reports before making the cache again.
  */
 import { createHash } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { replaceFileAtomic, writeFileAtomic } from '../util/atomic-file.js';
+import { entryKey, readVerifiedEntry, type EntryHeader } from '../cache/entry.js';
+import { mismatchReason, type EntryIdentity } from '../cache/identity.js';
+import { DirectoryStore } from '../cache/store.js';
+import { KvstashError } from '../errors.js';
 import { userCacheDir } from '../util/paths.js';
 
-export const SYSTEM_PROMPT_CACHE_FORMAT = 'kvstash-rkllm-system-prompt-v1';
+export const RKLLM_PROMPT_CACHE_KIND = 'rkllm/prompt-cache' as const;
+/** How rkllmModelIdentity() samples and hashes an .rkllm file. */
+export const RKLLM_FINGERPRINT_SCHEME = 'kvstash-rkllm-fp-v1';
 
-export interface SystemPromptCacheRecord {
-  format: typeof SYSTEM_PROMPT_CACHE_FORMAT;
+/** Everything a system-prompt cache depends on. */
+export interface SystemPromptCacheKey {
   /** RKLLM runtime version whose ABI wrote the file. */
   runtimeVersion: string;
   /** rkllmModelIdentity() of the .rkllm file. */
   modelIdentity: string;
+  /** The model's name (shown by `kvstash ls`; not part of the identity). */
+  modelName: string;
   /** The system prompt exactly as given to rkllm_set_chat_template (template applied). */
   systemPrompt: string;
-  /** Size of the cache file. Unit: bytes. */
-  bytes: number;
-  createdAt: string;
+  /** The runtime's KV cache length and batch size (RKLLMParam max_context_len, n_batch). */
+  maxContextLen: number;
+  nBatch: number;
 }
 
-export interface SystemPromptCacheKey {
-  runtimeVersion: string;
-  modelIdentity: string;
-  systemPrompt: string;
+/** A cache ready to load: its entry, and its payload extracted to a temporary file. */
+export interface PreparedSystemPromptCache {
+  /** The `<key>.kvstash` entry file. */
+  entryPath: string;
+  /** The runtime's cache file, for rkllm_load_prompt_cache; remove it once loaded. */
+  payloadPath: string;
 }
 
 /**
@@ -58,7 +90,7 @@ const IDENTITY_SAMPLES = 16;
 /**
  * Hex SHA-256 over the file size and 18 samples of 64 KiB (first, last, 16 evenly spaced): a
  * replaced or re-converted model gets another identity, so its old caches are never loaded.
- * Reads about 1 MiB, never the whole multi-GB file.
+ * Reads about 1 MiB, never the whole multi-GB file. Scheme RKLLM_FINGERPRINT_SCHEME.
  */
 export async function rkllmModelIdentity(modelPath: string): Promise<string> {
   const handle = await fsp.open(modelPath, 'r');
@@ -78,62 +110,117 @@ export async function rkllmModelIdentity(modelPath: string): Promise<string> {
   }
 }
 
-/** The cache file for a system prompt (and its record at `<file>.json`). */
-export function systemPromptCachePath(cacheDir: string, key: SystemPromptCacheKey): string {
-  const digest = createHash('sha256')
-    .update(JSON.stringify([SYSTEM_PROMPT_CACHE_FORMAT, key.runtimeVersion, key.modelIdentity, key.systemPrompt]))
-    .digest('hex')
-    .slice(0, 32);
-  return path.join(cacheDir, `system-${digest}.prompt-cache`);
+/** Hex SHA-256 of the system prompt's UTF-8 text. */
+export function systemPromptSha256(systemPrompt: string): string {
+  return createHash('sha256').update(systemPrompt, 'utf8').digest('hex');
 }
 
-/** The cache file when a usable one exists, else undefined. */
-export async function findSystemPromptCache(cacheDir: string, key: SystemPromptCacheKey): Promise<string | undefined> {
-  const file = systemPromptCachePath(cacheDir, key);
-  try {
-    const record = JSON.parse(await fsp.readFile(`${file}.json`, 'utf8')) as Partial<SystemPromptCacheRecord>;
-    const { size } = await fsp.stat(file);
-    const matches =
-      record.format === SYSTEM_PROMPT_CACHE_FORMAT &&
-      record.runtimeVersion === key.runtimeVersion &&
-      record.modelIdentity === key.modelIdentity &&
-      record.systemPrompt === key.systemPrompt &&
-      record.bytes === size;
-    return matches ? file : undefined;
-  } catch {
-    return undefined;
-  }
+/** The label of a system prompt's cache entry. */
+export function systemPromptCacheLabel(systemPrompt: string): string {
+  return `rkllm-system-${systemPromptSha256(systemPrompt).slice(0, 12)}`;
+}
+
+/** The header fields that must match for a cache to load. */
+export function systemPromptCacheIdentity(key: SystemPromptCacheKey): EntryIdentity {
+  return {
+    kind: RKLLM_PROMPT_CACHE_KIND,
+    backend: { name: 'rkllm', version: key.runtimeVersion },
+    model: { fingerprint: key.modelIdentity, fingerprintScheme: RKLLM_FINGERPRINT_SCHEME, name: key.modelName, architecture: 'rkllm' },
+    layout: {
+      systemPromptSha256: systemPromptSha256(key.systemPrompt),
+      maxContextLen: String(key.maxContextLen),
+      nBatch: String(key.nBatch),
+    },
+  };
+}
+
+/** The entry key of a system prompt's cache (as `kvstash ls` shows it). */
+export function systemPromptCacheKey(key: SystemPromptCacheKey): string {
+  return entryKey({ ...systemPromptCacheIdentity(key), tokens: [] });
+}
+
+/** The entry file of a system prompt's cache: `<cacheDir>/<key>.kvstash`. */
+export function systemPromptCachePath(cacheDir: string, key: SystemPromptCacheKey): string {
+  return new DirectoryStore(cacheDir).pathOf(systemPromptCacheKey(key));
+}
+
+let temporaryCounter = 0;
+
+/** A hidden file beside the entries, never taken for one (PromptCache lists `*.kvstash` only). */
+function temporaryPayloadPath(cacheDir: string, key: string): string {
+  return path.join(cacheDir, `.rkllm-${key}-${process.pid}-${temporaryCounter++}.prompt-cache`);
 }
 
 /**
- * Makes the cache file: `write(temporaryPath)` has the runtime write it; it then appears
- * atomically under its name, followed by its record (a crash in between leaves a cache without a
- * record, which findSystemPromptCache() ignores). Rejects when the runtime wrote nothing.
+ * The cache ready to load when its entry exists, else undefined. Rejects with E_CACHE_CORRUPT (the
+ * entry fails its checks) or E_CACHE_MISMATCH (it was made for another model, runtime, system
+ * prompt or KV size): the caller reports that and makes the cache again.
+ */
+export async function prepareSystemPromptCache(cacheDir: string, key: SystemPromptCacheKey): Promise<PreparedSystemPromptCache | undefined> {
+  const entryPath = systemPromptCachePath(cacheDir, key);
+  try {
+    await fsp.stat(entryPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+  const { entry, payload } = await readVerifiedEntry(entryPath);
+  const reason = mismatchReason(entry.header, systemPromptCacheIdentity(key)) ?? (entry.header.tokenCount !== 0 ? 'it holds tokens, not an RKLLM text prefix' : null);
+  if (reason) {
+    throw new KvstashError('E_CACHE_MISMATCH', `cache entry ${entryPath} was not loaded: ${reason}`, { reason });
+  }
+  const payloadPath = temporaryPayloadPath(cacheDir, entry.key);
+  try {
+    await fsp.writeFile(payloadPath, payload);
+  } catch (err) {
+    await fsp.rm(payloadPath, { force: true }).catch(() => undefined);
+    throw err;
+  }
+  return { entryPath, payloadPath };
+}
+
+/**
+ * Makes the cache: `write(temporaryPath)` has the runtime write its file beside the entries; its
+ * bytes become the payload of the entry, which appears atomically under its name. The runtime's
+ * file is kept for the caller to load (and remove); on failure it is removed. Rejects when the
+ * runtime wrote nothing.
  */
 export async function createSystemPromptCache(
   cacheDir: string,
   key: SystemPromptCacheKey,
   write: (temporaryPath: string) => Promise<void>,
-): Promise<string> {
+): Promise<PreparedSystemPromptCache> {
   await fsp.mkdir(cacheDir, { recursive: true });
-  const file = systemPromptCachePath(cacheDir, key);
-  await replaceFileAtomic(file, async (temporary) => {
-    await write(temporary);
+  const identity = systemPromptCacheIdentity(key);
+  const store = new DirectoryStore(cacheDir);
+  const entryKeyHex = systemPromptCacheKey(key);
+  const payloadPath = temporaryPayloadPath(cacheDir, entryKeyHex);
+  try {
+    await write(payloadPath);
+    let payload: Buffer;
     try {
-      await fsp.access(temporary);
+      payload = await fsp.readFile(payloadPath);
     } catch {
       throw new Error('the runtime wrote no prompt cache file (some models refuse to save one; see its log)');
     }
-  });
-  const { size } = await fsp.stat(file);
-  const record: SystemPromptCacheRecord = { format: SYSTEM_PROMPT_CACHE_FORMAT, ...key, bytes: size, createdAt: new Date().toISOString() };
-  await writeFileAtomic(`${file}.json`, async (handle) => {
-    await handle.writeFile(`${JSON.stringify(record, null, 2)}\n`);
-  });
-  return file;
+    if (payload.length === 0) throw new Error('the runtime wrote an empty prompt cache file');
+    const header: EntryHeader = {
+      ...identity,
+      tokenCount: 0,
+      tokens: [],
+      label: systemPromptCacheLabel(key.systemPrompt),
+      createdAt: new Date().toISOString(),
+      payloadBytes: payload.length,
+    };
+    await store.write(entryKeyHex, header, payload);
+    return { entryPath: store.pathOf(entryKeyHex), payloadPath };
+  } catch (err) {
+    await fsp.rm(payloadPath, { force: true }).catch(() => undefined);
+    throw err;
+  }
 }
 
-/** Removes a cache and its record (a cache the runtime refused to load). */
-export async function removeSystemPromptCache(file: string): Promise<void> {
-  await Promise.all([fsp.rm(file, { force: true }), fsp.rm(`${file}.json`, { force: true })]);
+/** Removes a cache's entry (one that is corrupt, or that the runtime refused to load). */
+export async function removeSystemPromptCache(entryPath: string): Promise<void> {
+  await fsp.rm(entryPath, { force: true });
 }
