@@ -120,20 +120,11 @@ export type NativeRkllmVersion = '1.3.0' | '1.2.1';
 
 /** Every RKLLMParam and RKLLMExtendParam field, camelCased. `init` takes any subset (plus
  * modelPath); what is left out keeps the runtime's rkllm_createDefaultParam() value. */
-export interface NativeRkllmParams {
+export interface NativeRkllmParams extends NativeRkllmSampling {
   modelPath: string;
   maxContextLen: number;
   maxNewTokens: number;
-  topK: number;
   nKeep: number;
-  topP: number;
-  temperature: number;
-  repeatPenalty: number;
-  frequencyPenalty: number;
-  presencePenalty: number;
-  mirostat: number;
-  mirostatTau: number;
-  mirostatEta: number;
   skipSpecialToken: boolean;
   /** Runtime 1.3.0 only. */
   ignoreEosToken?: boolean;

@@ -1,31 +1,17 @@
 // `npm run bench -- --quick` end to end, as a developer runs it: the compiled entry point in a child
 // process, on the tiny model. It checks that every row and every target of the report is there with a
 // number; it asserts no timing (the machine is shared, and the tiny model's timings mean little).
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
+import fs from 'node:fs';
 import t from 'tap';
 import { BENCH_TYPES, ROWS, type BenchReport } from '../lib/bench/bench.js';
 import { TARGET_IDS } from '../lib/bench/targets.js';
+import { requireBuiltCli, runCli } from './helpers/cli.js';
 
-// The compiled entry (npm install compiles dist/); after editing lib/, run `node scripts/build-ts.js`.
-const RUN = path.resolve(__dirname, '..', 'dist', 'bench', 'run.js');
+// `npm run bench` is `kvstash bench` (dist/bench/run.js calls the CLI's main): run it as the CLI.
+const runBench = (args: string[]) => runCli(['bench', ...args]);
 
-function runBench(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [RUN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk));
-    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
-t.before(() => {
-  if (!fs.existsSync(RUN)) throw new Error(`${RUN} is missing: run \`node scripts/build-ts.js\` (npm install does it)`);
-});
+t.before(() => requireBuiltCli());
 
 t.test('bench --quick: every row and every target, for every type, with numbers', async (t) => {
   const dir = t.testdir();

@@ -9,6 +9,9 @@
  *   tier and the concurrent sessions copy it into their sequences (cells shared, not duplicated).
  * Warm rows are taken in rounds (one of each per round, kvstash and node-llama-cpp interleaved) so
  * that a noisy neighbour on the machine slows all of them alike; each row reports its median.
+ * Restore rows come from rounds of their own (cache.restore(), the call generate() makes, beside
+ * node-llama-cpp's loadStateFromFile), more of them because a few milliseconds are easily disturbed;
+ * the restore times inside the warm runs are kept in `samples` (`…RestoreMsInGenerate`).
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';

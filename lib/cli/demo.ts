@@ -15,6 +15,7 @@ import { defaultThreads, loadModel, type Model } from '../llama/model.js';
 import type { Sampler } from '../llama/sampler.js';
 import { writeSyntheticModel, type SyntheticShapeName, type SyntheticWeightType } from '../models/synthetic.js';
 import { userCacheDir } from '../util/paths.js';
+import { isProcessAlive } from '../util/process.js';
 import { fmt, ms, printable, round, size, table, tildify, times } from './format.js';
 import type { Command, FlagSpecs, Flags } from './main.js';
 import { withStatus } from './progress.js';
@@ -361,18 +362,10 @@ export async function syntheticModelPath(
 async function removeAbandonedStaging(dir: string): Promise<void> {
   for (const name of await fsp.readdir(dir)) {
     const pid = /^\.writing-(\d+)-/.exec(name)?.[1];
-    if (pid !== undefined && !isRunning(Number(pid))) await fsp.rm(path.join(dir, name), { recursive: true, force: true });
+    if (pid !== undefined && !isProcessAlive(Number(pid))) await fsp.rm(path.join(dir, name), { recursive: true, force: true });
   }
 }
 
-function isRunning(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function rejectOnAbort(signal: AbortSignal): Promise<never> {
   return new Promise((_, reject) => {

@@ -6,19 +6,12 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { KvstashError } from '../errors.js';
+import { isProcessAlive } from '../util/process.js';
 
 export interface Lock {
   release(): Promise<void>;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 export async function acquireLock(dir: string): Promise<Lock> {
   const file = path.join(dir, 'lock');
@@ -38,7 +31,7 @@ export async function acquireLock(dir: string): Promise<Lock> {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       const owner = Number.parseInt(await fsp.readFile(file, 'utf8').catch(() => ''), 10);
-      if (Number.isInteger(owner) && owner !== process.pid && alive(owner)) {
+      if (Number.isInteger(owner) && owner !== process.pid && isProcessAlive(owner)) {
         throw new KvstashError('E_SESSION_LOCKED', `session ${path.basename(dir)} is open in process ${owner}; close it there first`);
       }
       if (owner === process.pid) {
