@@ -7,13 +7,14 @@ import t from 'tap';
 import { BENCH_TYPES, ROWS, type BenchReport } from '../lib/bench/bench.js';
 import { TARGET_IDS } from '../lib/bench/targets.js';
 import { requireBuiltCli, runCli } from './helpers/cli.js';
+import { skipUnderEmulation } from './helpers/fixtures.js';
 
 // `npm run bench` is `kvstash bench` (dist/bench/run.js calls the CLI's main): run it as the CLI.
 const runBench = (args: string[]) => runCli(['bench', ...args]);
 
 t.before(() => requireBuiltCli());
 
-t.test('bench --quick: every row and every target, for every type, with numbers', async (t) => {
+t.test('bench --quick: every row and every target, for every type, with numbers', { skip: skipUnderEmulation('timings under qemu mean nothing') }, async (t) => {
   const dir = t.testdir();
   const out = path.join(dir, 'results');
   const { code, stdout, stderr } = await runBench(['--quick', '--json-only', '--repetitions', '2', '--out', out, '--cache-dir', dir]);

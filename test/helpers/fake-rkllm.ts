@@ -31,7 +31,8 @@ export function fakeRuntimeLibrary(version: FakeVersion, options: { omit?: strin
   const file = path.join(buildDir, `librkllmrt-${version.replace(/\./g, '')}${options.omit ? `-no-${options.omit}` : ''}.so`);
   const defines = [`-DFAKE_RKLLM_V=${version === '1.3.0' ? 130 : 121}`];
   if (options.omit) defines.push(`-D${options.omit}=fake_omitted_${options.omit}`);
-  execFileSync(process.env.CC || 'cc', ['-shared', '-fPIC', '-O1', '-Wall', ...defines, '-o', file, SOURCE, '-lpthread', '-lm'], {
+  // KVSTASH_TEST_CC: the target's C compiler when the suite runs under emulation (scripts/arm64.sh).
+  execFileSync(process.env.KVSTASH_TEST_CC || process.env.CC || 'cc', ['-shared', '-fPIC', '-O1', '-Wall', ...defines, '-o', file, SOURCE, '-lpthread', '-lm'], {
     stdio: ['ignore', 'ignore', 'inherit'],
   });
   built.set(key, file);

