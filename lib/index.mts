@@ -31,3 +31,17 @@ export const {
   systemInfo,
 } = kvstash;
 export type * from './index.js';
+// A class is a value and a type. The destructuring above exports only the value, and a local
+// export hides the same name in `export type *`, so each class's instance type is named again.
+type Cjs = typeof import('./index.js');
+export type KvstashError = Cjs['KvstashError']['prototype'];
+export type Model = Cjs['Model']['prototype'];
+export type Context = Cjs['Context']['prototype'];
+export type ContextMemory = Cjs['ContextMemory']['prototype'];
+export type Sampler = Cjs['Sampler']['prototype'];
+export type PromptCache = Cjs['PromptCache']['prototype'];
+export type DirectoryStore = Cjs['DirectoryStore']['prototype'];
+export type Generation = Cjs['Generation']['prototype'];
+export type RkllmModel = Cjs['RkllmModel']['prototype'];
+export type RkllmRuntime = Cjs['RkllmRuntime']['prototype'];
+export type Session = Cjs['Session']['prototype'];
