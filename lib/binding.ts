@@ -235,6 +235,8 @@ export interface NativeBinding {
   setLogLevel(level: number): void;
   systemInfo(): string;
   llamaCommit: string;
+  /** Set by the prebuilt CPU-variant loader (scripts/cpu-variant-loader.c); absent in a source build. */
+  cpuVariant?: string;
 }
 
 const LOG_LEVELS: Record<string, number> = { silent: 0, error: 1, warn: 2, info: 3, debug: 4 };

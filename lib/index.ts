@@ -66,4 +66,4 @@ export {
   type ResumePath,
   type SessionStats,
 } from './session/session.js';
-export { systemInfo } from './system.js';
+export { systemInfo, type SystemInfo } from './system.js';

