@@ -23,7 +23,22 @@ function hasCommand(cmd) {
   }
 }
 
+/** The tools a source build needs that are not on PATH, as apt package names. */
+function missingTools(argv) {
+  const missing = [];
+  if (!hasCommand('cmake')) missing.push('cmake');
+  if (!hasCommand('git')) missing.push('git');
+  // A cross build names its compilers in the toolchain file; a native one needs the host's.
+  const cross = argv.some((a) => a.startsWith('--CDCMAKE_TOOLCHAIN_FILE='));
+  if (!cross && !['c++', 'g++', 'clang++'].some(hasCommand)) missing.push('g++');
+  return missing;
+}
+
 function buildNative(argv = []) {
+  const missing = missingTools(argv);
+  if (missing.length > 0) {
+    throw new Error(`not on PATH: ${missing.join(', ')} (Debian/Ubuntu: apt-get install ${missing.join(' ')})`);
+  }
   fetchLlama();
   const passThrough = argv.filter((a) => a !== '--portable');
   const args = [
