@@ -1,16 +1,22 @@
 // `npm run bench -- --quick` end to end, as a developer runs it: the compiled entry point in a child
 // process, on the tiny model. It checks that every row and every target of the report is there with a
 // number; it asserts no timing (the machine is shared, and the tiny model's timings mean little).
+// The exception: a build that is absent (no prebuilds/ before `npm run prebuild`, no build/Release in an
+// installed package) leaves its prompt-processing row and the prebuiltVsSource target unmeasured,
+// with the reason in the report.
 import path from 'node:path';
 import fs from 'node:fs';
 import t from 'tap';
-import { BENCH_TYPES, ROWS, type BenchReport } from '../lib/bench/bench.js';
+import { BENCH_TYPES, ROWS, type BenchReport, type RowId } from '../lib/bench/bench.js';
+import type { Build } from '../lib/bench/prebuilt-vs-source.js';
 import { TARGET_IDS } from '../lib/bench/targets.js';
 import { requireBuiltCli, runCli } from './helpers/cli.js';
 import { skipUnderEmulation } from './helpers/fixtures.js';
 
 // `npm run bench` is `kvstash bench` (dist/bench/run.js calls the CLI's main): run it as the CLI.
 const runBench = (args: string[]) => runCli(['bench', ...args]);
+
+const BUILD_ROWS: Partial<Record<RowId, Build>> = { prebuiltPromptTokensPerSecond: 'prebuilt', sourcePromptTokensPerSecond: 'source' };
 
 t.before(() => requireBuiltCli());
 
@@ -29,14 +35,22 @@ t.test('bench --quick: every row and every target, for every type, with numbers'
   t.equal(report.quick, true);
   t.equal(report.config.shape, 'tiny');
   t.equal(report.config.threads, 2);
+  t.match(report.kvstash.cpuVariant, /./, `the addon the bench ran on is named (${report.kvstash.cpuVariant})`);
   t.ok('version' in report.nodeLlamaCpp, `node-llama-cpp was measured (${JSON.stringify(report.nodeLlamaCpp)})`);
   t.same(report.results.map((r) => r.type), [...BENCH_TYPES], 'both weight types');
 
   for (const result of report.results) {
     t.equal(result.prompt.prefixTokens, 300, `${result.type}: a 300-token prefix`);
     t.equal(result.prompt.suffixTokens, 50, `${result.type}: a 50-token suffix`);
+    t.equal(result.prebuiltVsSource.tokens, 512, `${result.type}: prompt processing of a 512-token batch`);
     for (const [id] of ROWS) {
       const value = result.rows[id];
+      const build = BUILD_ROWS[id];
+      const outcome = build === undefined ? undefined : result.prebuiltVsSource[build];
+      if (outcome !== undefined && 'unavailable' in outcome) {
+        t.equal(value, null, `${result.type} ${id}: not measured (${outcome.unavailable.split('\n')[0]})`);
+        continue;
+      }
       t.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${result.type} ${id} is a number (${value})`);
     }
     t.same(result.sessions.tiers, Array(report.config.sessions).fill('resident'), `${result.type}: every session restored the template from the resident copy`);
@@ -46,7 +60,13 @@ t.test('bench --quick: every row and every target, for every type, with numbers'
   for (const type of BENCH_TYPES) {
     const targets = report.targets.filter((target) => target.type === type);
     t.same(targets.map((target) => target.id), [...TARGET_IDS], `${type}: every target, in order`);
+    const result = report.results.find((r) => r.type === type)!;
     for (const target of targets) {
+      const { prebuilt, source } = result.prebuiltVsSource;
+      if (target.id === 'prebuiltVsSource' && ('unavailable' in prebuilt || 'unavailable' in source)) {
+        t.equal(target.met, null, `${type} ${target.id}: not measured without both builds`);
+        continue;
+      }
       t.ok(typeof target.value === 'number' && Number.isFinite(target.value), `${type} ${target.id}: measured ${target.value}`);
       t.equal(typeof target.met, 'boolean', `${type} ${target.id}: judged met or not met`);
     }

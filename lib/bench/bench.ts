@@ -12,6 +12,8 @@
  * Restore rows come from rounds of their own (cache.restore(), the call generate() makes, beside
  * node-llama-cpp's loadStateFromFile), more of them because a few milliseconds are easily disturbed;
  * the restore times inside the warm runs are kept in `samples` (`…RestoreMsInGenerate`).
+ * Last, the prebuilt binary's prompt processing beside a source build's, in child processes
+ * (prebuilt-vs-source.ts): this process has loaded one of them and cannot load the other.
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
@@ -29,6 +31,7 @@ import { systemInfo } from '../system.js';
 import { round3, Series, type Samples } from './measure.js';
 import { NodeLlamaCppRunner, type NodeLlamaCppInfo } from './node-llama-cpp.js';
 import { findEvictor, measurePageCacheRead, type Evictor } from './page-cache.js';
+import { BUILDS, measurePrebuiltVsSource, type PrebuiltVsSource } from './prebuilt-vs-source.js';
 import { buildBenchPrompt } from './prompt.js';
 import { evaluateTargets, type TargetResult } from './targets.js';
 
@@ -55,6 +58,12 @@ export interface BenchConfig {
   sessionTokens: number;
   /** Repetitions of the page-cache read. */
   readRepetitions: number;
+  /** Tokens of the batch timed for the prebuilt binary and the source build. */
+  promptSpeedTokens: number;
+  /** Rounds of one child process per build (turns alternating); rows report the median of all decodes. */
+  promptSpeedRounds: number;
+  /** Timed decodes in each child. */
+  promptSpeedRepetitions: number;
 }
 
 export const FULL_CONFIG: BenchConfig = {
@@ -70,6 +79,9 @@ export const FULL_CONFIG: BenchConfig = {
   sessions: 8,
   sessionTokens: 32,
   readRepetitions: 10,
+  promptSpeedTokens: 512,
+  promptSpeedRounds: 2,
+  promptSpeedRepetitions: 3,
 };
 
 /** A smoke test of every row on the tiny model: seconds, not minutes; its numbers mean little. */
@@ -112,6 +124,8 @@ export const ROWS = [
   ['sessionsKvBytes', 'sessions: KV bytes held', 'bytes'],
   ['sessionsTemplatePlusOwnBytes', 'one template + every session\'s own tokens', 'bytes'],
   ['sessionsSeparateCopiesBytes', 'one copy of the template per session', 'bytes'],
+  ['sourcePromptTokensPerSecond', 'prompt processing (512-token batch), source build', 'tok/s'],
+  ['prebuiltPromptTokensPerSecond', 'prompt processing (512-token batch), prebuilt binary', 'tok/s'],
 ] as const;
 
 export type RowId = (typeof ROWS)[number][0];
@@ -140,6 +154,9 @@ export interface TypeResult {
     kvBytesPerCellMeasured: number;
     kvBytesPerCellFromShape: number;
   };
+  /** The addon each build's child processes loaded (the prebuilt binary's CPU variant), or why a
+   * build could not be measured; its row is then null. */
+  prebuiltVsSource: PrebuiltVsSource;
 }
 
 export interface BenchReport {
@@ -156,7 +173,8 @@ export interface BenchReport {
     node: string;
     note: string;
   };
-  kvstash: { llamaCommit: string; cpuFeatures: string };
+  /** The addon this process loaded, which measured every row but the prebuilt-vs-source ones. */
+  kvstash: { llamaCommit: string; cpuFeatures: string; cpuVariant: string };
   nodeLlamaCpp: NodeLlamaCppInfo | { unavailable: string };
   config: BenchConfig & { types: BenchType[]; eviction: { method: string; note: string } };
   results: TypeResult[];
@@ -192,7 +210,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       nodeLlamaCpp = nlcInfo;
     }
     const finished = new Date();
-    const { llamaCommit, cpuFeatures } = systemInfo();
+    const { llamaCommit, cpuFeatures, cpuVariant } = systemInfo();
     return {
       format: 'kvstash-bench/1',
       startedAt: started.toISOString(),
@@ -207,7 +225,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
         node: process.version,
         note: 'Timings are medians of interleaved rounds; a load average above the thread count means other work shared the CPU.',
       },
-      kvstash: { llamaCommit, cpuFeatures },
+      kvstash: { llamaCommit, cpuFeatures, cpuVariant },
       nodeLlamaCpp,
       config: { ...config, types: [...options.types], eviction: { method: evictor.method, note: evictor.note } },
       results,
@@ -386,6 +404,19 @@ async function benchType(
     );
     Object.assign(rows, sessions.rows);
 
+    const request = { modelPath, threads: config.threads, tokens: config.promptSpeedTokens, repetitions: config.promptSpeedRepetitions };
+    const builds = await withStatus(`[${type}] Prompt processing, prebuilt binary vs source build (${config.promptSpeedRounds} rounds)`, () =>
+      measurePrebuiltVsSource(request, config.promptSpeedRounds, signal),
+    );
+    rows.prebuiltPromptTokensPerSecond = builds.tokensPerSecond.prebuilt;
+    rows.sourcePromptTokensPerSecond = builds.tokensPerSecond.source;
+    for (const build of BUILDS) {
+      const outcome = builds.details[build];
+      if ('unavailable' in outcome) process.stderr.write(`kvstash bench: [${type}] ${build} prompt-processing row left out: ${outcome.unavailable}\n`);
+      const measured = builds.samples[build];
+      if (measured) sampled[`${build}PromptMs`] = measured;
+    }
+
     const info = single.info;
     const result: TypeResult = {
       type,
@@ -395,6 +426,7 @@ async function benchType(
       rows: roundRows(rows),
       samples: sampled,
       sessions: sessions.details,
+      prebuiltVsSource: builds.details,
     };
     return { result, nlcInfo };
   } finally {

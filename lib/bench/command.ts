@@ -22,7 +22,7 @@ const BENCH_FLAGS = {
 } as const satisfies FlagSpecs;
 
 export const benchCommand: Command<typeof BENCH_FLAGS> = {
-  summary: 'Measure cold vs warm time to first token per cache tier, restore, entry size and shared sessions, beside node-llama-cpp',
+  summary: 'Measure cold vs warm time to first token per cache tier, restore, entry size and shared sessions, beside node-llama-cpp; and the prebuilt binary vs a source build',
   flags: BENCH_FLAGS,
   run: runBenchCommand,
 };
@@ -65,7 +65,7 @@ export function renderReport(report: BenchReport): string {
   lines.push(
     `kvstash bench: synthetic ${config.shape}, ${fmt(config.prefixTokens)}-token prefix + ${config.suffixTokens}-token suffix, ` +
       `${config.threads} threads, batch ${config.batchSize}, medians of ${config.repetitions} rounds`,
-    `llama.cpp ${report.kvstash.llamaCommit}; ${nlc}; ${report.machine.cpu}, ${report.machine.cores} cores; ` +
+    `llama.cpp ${report.kvstash.llamaCommit} (${buildName(report.kvstash.cpuVariant)}); ${nlc}; ${report.machine.cpu}, ${report.machine.cores} cores; ` +
       `load average ${report.machine.loadAverage.start[0]} → ${report.machine.loadAverage.end[0]}`,
     `Page-cache eviction: ${config.eviction.method} (${config.eviction.note})`,
     '',
@@ -85,7 +85,16 @@ export function renderReport(report: BenchReport): string {
   for (const r of results.filter((r) => !r.sessions.sameTokensAsSequential)) {
     lines.push('', `Note (${r.type}): ${r.sessions.sessionsMatchingSequential} of ${config.sessions} concurrent sessions generated the tokens of the same session run alone (other batch splits; random weights give near-tied logits).`);
   }
+  for (const r of results) {
+    const { tokens, prebuilt, source } = r.prebuiltVsSource;
+    const side = (outcome: typeof prebuilt, name: string) => ('unavailable' in outcome ? `${name} not measured (${outcome.unavailable.split('\n')[0]})` : buildName(outcome.cpuVariant));
+    lines.push('', `Prompt processing (${r.type}, ${fmt(tokens)}-token batch, child processes): ${side(prebuilt, 'prebuilt binary')} vs ${side(source, 'source build')}`);
+  }
   return `${lines.join('\n')}\n`;
+}
+
+function buildName(cpuVariant: string): string {
+  return cpuVariant === 'source' ? 'source build' : `prebuilt binary ${cpuVariant}`;
 }
 
 function cell(value: number | null, unit: string): string {

@@ -119,6 +119,15 @@ const TARGETS = [
     numerator: 'sessionsConcurrentTokensPerSecond',
     denominator: ['sessionsSequentialTokensPerSecond'],
   },
+  {
+    id: 'prebuiltVsSource',
+    description: "prebuilt binary's prompt-processing speed ≥ 0.9 × a source build's (native -march) in the same run",
+    unit: '×',
+    op: '>=',
+    limit: 0.9,
+    numerator: 'prebuiltPromptTokensPerSecond',
+    denominator: ['sourcePromptTokensPerSecond'],
+  },
 ] as const satisfies readonly TargetSpec[];
 
 export type TargetId = (typeof TARGETS)[number]['id'];
