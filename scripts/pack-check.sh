@@ -184,8 +184,13 @@ grep -q 'using the prebuilt binary prebuilds/linux-x64/kvstash.node' "$work/x64-
   { cat "$work/x64-install.log" >&2; die "the install did not report using the linux-x64 prebuilt binary"; }
 [ ! -e "$x64/node_modules/kvstash/build" ] || die "the install built something (node_modules/kvstash/build exists)"
 (cd "$x64" && PATH="$nocc" node_modules/.bin/tsc -p tsconfig.json) || die "tsc --strict failed on the ESM/TypeScript consumer"
+# A cache directory of their own: the first consumer fetches the tokenizer of the synthetic model
+# (the one file of llama.cpp's tree it needs) into it, as a user's first run does.
+export XDG_CACHE_HOME="$work/user-cache"
 (cd "$x64" && PATH="$nocc" node consumer.cjs >"$work/x64-cjs.json" && PATH="$nocc" node consumer.mjs >"$work/x64-esm.json") ||
   die "a consumer failed on linux-x64"
+[ -f "$XDG_CACHE_HOME"/kvstash/llama.cpp-*/models/ggml-vocab-qwen2.gguf ] || die "the tokenizer was not fetched into the user cache"
+[ ! -e "$x64/node_modules/kvstash/deps" ] || die "the consumers fetched a llama.cpp tree into the installed package"
 expected_x64="$(node -e "
   const f = require('fs').readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)[1].split(/\s+/);
   const has = (...n) => n.every((x) => f.includes(x));
