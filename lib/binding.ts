@@ -91,7 +91,16 @@ export interface NativeContext {
   loadStateFile(path: string, sequence: number): Promise<Int32Array>;
   exportState(sequence: number): Promise<Buffer>;
   importState(bytes: Uint8Array, sequence: number): Promise<void>;
-  importVerifiedStateFile(path: string, sequence: number, checkedLength: number, expected: bigint, payloadOffset: number, payloadLength: number): Promise<void>;
+  /** Resolves with the verified payload (its own memory, no copy) when `keepPayload` is true. */
+  importVerifiedStateFile(
+    path: string,
+    sequence: number,
+    checkedLength: number,
+    expected: bigint,
+    payloadOffset: number,
+    payloadLength: number,
+    keepPayload: boolean,
+  ): Promise<Buffer | undefined>;
   dispose(): void;
 }
 

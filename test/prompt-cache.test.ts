@@ -259,3 +259,47 @@ t.test('eviction keeps each tier within its budget; statistics add up', async (t
   t.same(await cache.list(), []);
   await context.dispose();
 });
+
+t.test('a disk hit promotes the payload it verified to RAM: no second read, and the next disk hit still loads', async (t) => {
+  const writer = cacheIn(t);
+  const context = await model.createContext({ contextSize: 1024 });
+  const first = await writer.warm(context, prefix, { label: 'first' });
+  const otherPrefix = promptTokens(model, 200, 44);
+  const other = await writer.warm(context, otherPrefix, { label: 'other' });
+  await writer.flush();
+  await context.dispose();
+
+  // Another cache on the directory, as another process would be: nothing in RAM yet.
+  const cache = new PromptCache({ dir: writer.dir });
+  const problems: unknown[] = [];
+  cache.on('problem', (p) => problems.push(p));
+  const reader = await model.createContext({ contextSize: 1024 });
+  const disk = await restoredLogits(cache, reader, prompt);
+  t.match(disk.restored, { tier: 'disk', cachedTokens: 300, key: first.key });
+  t.ok(bitIdentical(disk.logits, await coldLogits(prompt, 300)), 'disk: bit-identical');
+  t.equal(cache.stats().entries.ram, 1, 'promoted as soon as the restore resolved');
+
+  // The entry file is gone: only the promoted bytes can serve the next restore.
+  fs.rmSync(path.join(writer.dir!, `${first.key}.kvstash`));
+  const fresh = await model.createContext({ contextSize: 1024 });
+  const ram = await restoredLogits(cache, fresh, prompt);
+  t.match(ram.restored, { tier: 'ram', cachedTokens: 300, key: first.key });
+  t.ok(bitIdentical(ram.logits, await coldLogits(prompt, 300)), 'promoted RAM entry: bit-identical');
+  await fresh.dispose();
+
+  // The reader's context gave its import buffer away with the promotion; its next disk hit maps a
+  // new one.
+  const otherPrompt = new Int32Array([...otherPrefix, ...suffix]);
+  const second = await restoredLogits(cache, reader, otherPrompt);
+  t.match(second.restored, { tier: 'disk', cachedTokens: 200, key: other.key });
+  t.ok(bitIdentical(second.logits, await coldLogits(otherPrompt, 200)), 'second disk hit: bit-identical');
+  await reader.dispose();
+
+  // Without a RAM tier nothing is kept.
+  const diskOnly = new PromptCache({ dir: writer.dir, maxRamBytes: 0 });
+  const third = await model.createContext({ contextSize: 1024 });
+  t.match((await diskOnly.restore(third, otherPrompt)).tier, 'disk');
+  t.equal(diskOnly.stats().entries.ram, 0);
+  await third.dispose();
+  t.same(problems, []);
+});

@@ -76,6 +76,39 @@ void Xxh64::Update(const uint8_t* data, size_t size) {
   pendingSize_ = size;
 }
 
+void Xxh64::UpdateCopy(const uint8_t* source, uint8_t* target, size_t size) {
+  // The ends that do not fill a whole stripe are copied first and hashed from the copy.
+  if (pendingSize_ > 0) {
+    const size_t take = std::min(size, sizeof(pending_) - pendingSize_);
+    std::memcpy(target, source, take);
+    Update(target, take);
+    source += take;
+    target += take;
+    size -= take;
+  }
+  total_ += size - size % 32;
+  // Each word is loaded once, then stored and hashed from the register: the stores may alias
+  // `source` as far as the compiler knows, so it cannot load the word again.
+  uint64_t a0 = acc_[0], a1 = acc_[1], a2 = acc_[2], a3 = acc_[3];
+  while (size >= 32) {
+    const uint64_t w0 = Load64(source), w1 = Load64(source + 8), w2 = Load64(source + 16), w3 = Load64(source + 24);
+    std::memcpy(target, &w0, 8);
+    std::memcpy(target + 8, &w1, 8);
+    std::memcpy(target + 16, &w2, 8);
+    std::memcpy(target + 24, &w3, 8);
+    a0 = Round(a0, w0);
+    a1 = Round(a1, w1);
+    a2 = Round(a2, w2);
+    a3 = Round(a3, w3);
+    source += 32;
+    target += 32;
+    size -= 32;
+  }
+  acc_[0] = a0, acc_[1] = a1, acc_[2] = a2, acc_[3] = a3;
+  std::memcpy(target, source, size);
+  Update(target, size);
+}
+
 uint64_t Xxh64::Digest() const {
   uint64_t h;
   if (total_ >= 32) {

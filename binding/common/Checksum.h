@@ -15,6 +15,10 @@ class Xxh64 {
  public:
   explicit Xxh64(uint64_t seed = 0);
   void Update(const uint8_t* data, size_t size);
+  // Update() of `size` bytes from `source` that also stores them to `target`, in the same pass.
+  // What is hashed is exactly what is stored, even if `source` changes meanwhile (a file mapping
+  // another process writes to): checking `target` afterwards needs no second read.
+  void UpdateCopy(const uint8_t* source, uint8_t* target, size_t size);
   uint64_t Digest() const;
 
  private:

@@ -1,5 +1,6 @@
 #include "llama/LlamaContext.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cerrno>
 #include <cstring>
@@ -8,6 +9,8 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/AddonData.h"
@@ -216,7 +219,7 @@ void LlamaContext::WaitIdleAndFree() {
   ctx_ = nullptr;
   model_.reset();
   outputs_ = DecodeOutputs();
-  std::vector<uint8_t>().swap(importScratch_);
+  importScratch_.Release();
 }
 
 void LlamaContext::RequireLive(Napi::Env env) const {
@@ -690,18 +693,72 @@ Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
   return (new StateImportWorker(env, this, bytes, seq))->Start();
 }
 
+namespace {
+
+// Copies bytes [0, length) of `fd` into `target` and returns their XXH64. Every byte hashed is a
+// byte of `target`, so checking the result checks exactly what llama.cpp will read.
+//
+// The file is mapped (its pages are the page cache's, so nothing is copied by the kernel) and
+// copied while it is hashed, in one pass: about the cost of the hash alone, where read() into the
+// buffer and then hashing it cost a copy more (2 ms of 7 for a 25 MB state). A mapped page that
+// cannot be read raises SIGBUS instead of returning an error, so the mapping is used only when
+// every page is in memory once populated; otherwise (an I/O error, memory pressure) the bytes
+// come through pread, where a failure is an error code like any other. What remains is a file cut
+// short in place by another program during the copy (kvstash replaces entries by rename, never in
+// place): that raises SIGBUS, as it would for any reader that maps files (SQLite's mmap mode too).
+uint64_t CopyAndHashFile(int fd, const std::string& path, uint8_t* target, uint64_t length) {
+  Xxh64 hash;
+  constexpr uint64_t kChunk = 1 << 20;
+#ifdef MAP_POPULATE
+  void* mapped = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+  if (mapped != MAP_FAILED) {
+    struct UnmapOnExit {
+      void* address;
+      size_t length;
+      ~UnmapOnExit() { ::munmap(address, length); }
+    } unmapper{mapped, length};
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    std::vector<unsigned char> resident((length + page - 1) / page);
+    if (::mincore(mapped, length, resident.data()) == 0 &&
+        std::all_of(resident.begin(), resident.end(), [](unsigned char r) { return (r & 1) != 0; })) {
+      const auto* source = static_cast<const uint8_t*>(mapped);
+      for (uint64_t done = 0; done < length; done += kChunk) {
+        hash.UpdateCopy(source + done, target + done, std::min(kChunk, length - done));
+      }
+      return hash.Digest();
+    }
+  }
+#endif
+  for (uint64_t done = 0; done < length;) {
+    const uint64_t want = std::min(kChunk, length - done);
+    const ssize_t got = ::pread(fd, target + done, want, static_cast<off_t>(done));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path + ": " + std::strerror(errno));
+    }
+    if (got == 0) throw NativeError("E_CACHE_CORRUPT", "cache entry " + path + " is truncated");
+    // Hashed right after it is read, while it is still in the CPU cache.
+    hash.Update(target + done, static_cast<size_t>(got));
+    done += static_cast<uint64_t>(got);
+  }
+  return hash.Digest();
+}
+
+}  // namespace
+
 // Reads a file region, verifies its XXH64 and imports a sub-range as sequence state, all on the
-// worker thread and in one pass over the bytes: each chunk is hashed right after it is read, while
-// it is still in the CPU cache. lib/cache decides what the ranges mean (the entry format); this
-// only guarantees that llama.cpp never sees a byte that failed the check.
+// worker thread. lib/cache decides what the ranges mean (the entry format); this only guarantees
+// that llama.cpp never sees a byte that failed the check. With `keepPayload` the verified payload
+// is handed to JS afterwards, without a copy: the context's buffer becomes the Buffer's memory
+// (the next verified import maps a new one).
 class StateImportVerifiedFileWorker : public ContextWorker {
  public:
   StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
                                 uint64_t checkedLength, uint64_t expected, uint64_t payloadOffset,
-                                uint64_t payloadLength, std::vector<uint8_t>* scratch)
+                                uint64_t payloadLength, ScratchBuffer* scratch, bool keepPayload)
       : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
         checkedLength_(checkedLength), expected_(expected), payloadOffset_(payloadOffset),
-        payloadLength_(payloadLength), scratch_(scratch) {}
+        payloadLength_(payloadLength), scratch_(scratch), keepPayload_(keepPayload) {}
 
  protected:
   void Work(llama_context* ctx) override {
@@ -711,24 +768,18 @@ class StateImportVerifiedFileWorker : public ContextWorker {
       int fd;
       ~CloseOnExit() { ::close(fd); }
     } closer{fd};
+    struct stat info;
+    if (::fstat(fd, &info) != 0) {
+      throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path_ + ": " + std::strerror(errno));
+    }
+    // Also what keeps the mapping inside the file (a page past its end raises SIGBUS).
+    if (static_cast<uint64_t>(info.st_size) < checkedLength_) {
+      throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " is truncated");
+    }
     // The buffer is reused across restores: a fresh multi-megabyte allocation would page-fault on
     // every first touch, which costs as much as the read itself.
-    if (scratch_->size() < checkedLength_) scratch_->resize(checkedLength_);
-    uint8_t* buffer = scratch_->data();
-    Xxh64 hash;
-    constexpr uint64_t kChunk = 1 << 20;
-    for (uint64_t done = 0; done < checkedLength_;) {
-      const uint64_t want = std::min(kChunk, checkedLength_ - done);
-      const ssize_t got = ::pread(fd, buffer + done, want, static_cast<off_t>(done));
-      if (got < 0) {
-        if (errno == EINTR) continue;
-        throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path_ + ": " + std::strerror(errno));
-      }
-      if (got == 0) throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " is truncated");
-      hash.Update(buffer + done, static_cast<size_t>(got));
-      done += static_cast<uint64_t>(got);
-    }
-    if (hash.Digest() != expected_) {
+    uint8_t* buffer = scratch_->Reserve(checkedLength_);
+    if (CopyAndHashFile(fd, path_, buffer, checkedLength_) != expected_) {
       throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " failed its checksum: its bytes changed after it was written");
     }
     const uint8_t* payload = buffer + payloadOffset_;
@@ -739,21 +790,40 @@ class StateImportVerifiedFileWorker : public ContextWorker {
                         WithLlamaReason("llama.cpp refused the state in " + path_ +
                                         " (its layout does not match this context)"));
     }
+    if (keepPayload_) {
+      kept_ = std::move(*scratch_);
+    }
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    if (kept_.data() == nullptr) return env.Undefined();
+    auto* kept = new ScratchBuffer(std::move(kept_));
+    try {
+      return Napi::Buffer<uint8_t>::New(env, kept->data() + payloadOffset_, payloadLength_,
+                                        [](Napi::Env, uint8_t*, ScratchBuffer* memory) { delete memory; }, kept);
+    } catch (const Napi::Error&) {
+      // The state is loaded either way; without the Buffer there is only nothing to promote.
+      delete kept;
+      return env.Undefined();
+    }
   }
 
  private:
   std::string path_;
   llama_seq_id seq_;
   uint64_t checkedLength_, expected_, payloadOffset_, payloadLength_;
-  std::vector<uint8_t>* scratch_;
+  ScratchBuffer* scratch_;
+  bool keepPayload_;
+  ScratchBuffer kept_;
 };
 
-// importVerifiedStateFile(path, seq, checkedLength, expected: bigint, payloadOffset, payloadLength)
+// importVerifiedStateFile(path, seq, checkedLength, expected: bigint, payloadOffset, payloadLength,
+//                         keepPayload?: boolean) -> Promise<Buffer | undefined>
 Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireIdle(env);
   if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsBigInt() || !info[4].IsNumber() || !info[5].IsNumber()) {
-    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, expected, payloadOffset, payloadLength)");
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, expected, payloadOffset, payloadLength, keepPayload)");
   }
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
   const double checked = info[2].As<Napi::Number>().DoubleValue();
@@ -761,13 +831,14 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   const uint64_t expected = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
   const double offset = info[4].As<Napi::Number>().DoubleValue();
   const double length = info[5].As<Napi::Number>().DoubleValue();
+  const bool keepPayload = info[6].ToBoolean().Value();
   if (!lossless || checked < 0 || offset < 0 || length <= 0 || offset + length > checked || checked > 9.0e15) {
     throw Napi::RangeError::New(env, "importVerifiedStateFile: the payload must lie inside the checked range");
   }
   BeginOperation(env);
   return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
                                             expected, static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
-                                            &importScratch_))
+                                            &importScratch_, keepPayload))
       ->Start();
 }
 

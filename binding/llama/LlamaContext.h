@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/ScratchBuffer.h"
 #include "llama.h"
 #include "llama/LlamaModel.h"
 
@@ -96,7 +97,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   int32_t threads_ = 0;
 
   DecodeOutputs outputs_;
-  std::vector<uint8_t> importScratch_;  // reused by verified imports
+  ScratchBuffer importScratch_;  // reused by verified imports, unless one hands it over to JS
   std::atomic<bool> busy_{false};
   std::atomic<bool> abort_{false};
   // `running_` is true from the start of a slow operation until its worker thread has left

@@ -412,13 +412,17 @@ export class PromptCache extends EventEmitter {
       }
       case 'disk': {
         const { path: file, entry } = candidate.file!;
+        // Promote to RAM, so the next restore of this prefix skips the disk: the import hands back
+        // the payload it verified, which costs neither a second read nor a copy.
+        const keepPayload = entry.header.payloadBytes <= this.maxRamBytes;
         await context.exclusive(() => memory.remove(sequence));
-        await context.importVerifiedFile(file, { checkedLength: entry.checkedLength, checksum: entry.checksum, payloadOffset: entry.payloadOffset, payloadBytes: entry.header.payloadBytes }, { sequence });
+        const payload = await context.importVerifiedFile(
+          file,
+          { checkedLength: entry.checkedLength, checksum: entry.checksum, payloadOffset: entry.payloadOffset, payloadBytes: entry.header.payloadBytes },
+          { sequence, keepPayload },
+        );
         void this.disk!.touch(entry.key);
-        // Promote to RAM off the critical path: the next restore of this prefix skips the disk.
-        if (this.maxRamBytes > 0) {
-          this.track(readVerifiedEntry(file).then(({ entry: e, payload }) => this.putRam(e.key, e.header, Buffer.from(payload)), () => undefined));
-        }
+        if (payload) this.putRam(entry.key, entry.header, payload);
         break;
       }
       case 'store': {
@@ -429,6 +433,8 @@ export class PromptCache extends EventEmitter {
         if (reason) throw new KvstashError('E_CACHE_MISMATCH', `store entry ${entry.key} was not loaded: ${reason}`);
         await context.exclusive(() => memory.remove(sequence));
         await context.importState(payload, { sequence });
+        // A copy: the store's Buffer is not ours to keep (a store may reuse it), and bytes in RAM
+        // are never checked again.
         this.putRam(entry.key, entry.header, Buffer.from(payload));
         if (this.disk) this.track(this.disk.put(entry.key, bytes));
         break;

@@ -60,22 +60,26 @@ export class DirectoryStore implements CacheStore {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
       throw err;
     }
-    const out: Array<{ name: string; size: number; mtimeMs: number; entry: EntryFile | Error }> = [];
-    for (const name of names) {
-      let stat: fs.Stats;
-      try {
-        stat = await fsp.stat(path.join(this.dir, name));
-      } catch {
-        continue; // deleted meanwhile
-      }
-      let known = this.parsed.get(name);
-      if (!known || known.size !== stat.size || known.ino !== stat.ino) {
-        const entry = await readEntryFile(path.join(this.dir, name)).catch((err: Error) => err);
-        known = { ino: stat.ino, size: stat.size, entry };
-        this.parsed.set(name, known);
-      }
-      out.push({ name, size: stat.size, mtimeMs: stat.mtimeMs, entry: known.entry });
-    }
+    // Concurrently: a restore scans first, and one stat after another would cost a thread-pool
+    // round trip per entry.
+    const scanned = await Promise.all(
+      names.map(async (name) => {
+        let stat: fs.Stats;
+        try {
+          stat = await fsp.stat(path.join(this.dir, name));
+        } catch {
+          return null; // deleted meanwhile
+        }
+        let known = this.parsed.get(name);
+        if (!known || known.size !== stat.size || known.ino !== stat.ino) {
+          const entry = await readEntryFile(path.join(this.dir, name)).catch((err: Error) => err);
+          known = { ino: stat.ino, size: stat.size, entry };
+          this.parsed.set(name, known);
+        }
+        return { name, size: stat.size, mtimeMs: stat.mtimeMs, entry: known.entry };
+      }),
+    );
+    const out = scanned.filter((file) => file !== null);
     const present = new Set(names);
     for (const name of this.parsed.keys()) if (!present.has(name)) this.parsed.delete(name);
     return out;

@@ -201,17 +201,26 @@ export class Context {
   /**
    * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies their XXH64
    * against `checksum`, and imports [payloadOffset, payloadOffset + payloadBytes) as state. Not a
-   * byte reaches llama.cpp unless the whole range verified.
+   * byte reaches llama.cpp unless the whole range verified. With `keepPayload`, resolves with the
+   * verified payload bytes (for the RAM tier: no second read, no copy); otherwise with undefined.
    */
   importVerifiedFile(
     file: string,
     ranges: { checkedLength: number; checksum: bigint; payloadOffset: number; payloadBytes: number },
-    options: SequenceOptions = {},
-  ): Promise<void> {
+    options: SequenceOptions & { keepPayload?: boolean } = {},
+  ): Promise<Buffer | undefined> {
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
       try {
-        await this.handle.importVerifiedStateFile(file, sequence, ranges.checkedLength, ranges.checksum, ranges.payloadOffset, ranges.payloadBytes);
+        return await this.handle.importVerifiedStateFile(
+          file,
+          sequence,
+          ranges.checkedLength,
+          ranges.checksum,
+          ranges.payloadOffset,
+          ranges.payloadBytes,
+          options.keepPayload ?? false,
+        );
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
         throw err;
