@@ -2,28 +2,45 @@
  * The page cache, from the benchmark's side: how fast this machine reads a file it already holds in
  * memory, and how to make it forget one file so the next read comes from the disk.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import readline from 'node:readline';
 import { median } from './measure.js';
 
 export interface PageCacheRead {
   bytes: number;
   repetitions: number;
-  /** Median time of fs.readFileSync of the whole file, page cache warm. Unit: ms. */
+  /** Median time to read the whole file into one reused buffer, page cache warm. Unit: ms. */
   readMs: number;
   /** bytes / readMs. Unit: MB/s (10^6 bytes per second). */
   megabytesPerSecond: number;
 }
 
-/** Reads `file` once to warm it, then `repetitions` more times, timing each whole-file read. */
+/** Reads `file` whole into `buffer` (at least the file's size): the bytes read. No allocation, so
+ * no garbage whose collection would land in the next timed step. */
+export function readInto(file: string, buffer: Buffer): number {
+  const fd = fs.openSync(file, 'r');
+  try {
+    let done = 0;
+    for (let n; (n = fs.readSync(fd, buffer, done, buffer.length - done, done)) > 0; ) done += n;
+    return done;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Reads `file` once to warm it, then `repetitions` more times into the same buffer, timing each
+ * whole-file read: the page cache's bandwidth, without allocation or page faults. */
 export function measurePageCacheRead(file: string, repetitions: number): PageCacheRead {
-  fs.readFileSync(file);
+  const buffer = Buffer.allocUnsafeSlow(fs.statSync(file).size);
+  readInto(file, buffer);
   const times: number[] = [];
   let bytes = 0;
   for (let i = 0; i < repetitions; i++) {
     const start = performance.now();
-    bytes = fs.readFileSync(file).length;
+    bytes = readInto(file, buffer);
     times.push(performance.now() - start);
   }
   const readMs = median(times);
@@ -36,9 +53,41 @@ export interface Evictor {
   method: EvictionMethod;
   /** Why the method was chosen, or why none works here. */
   note: string;
-  /** Drops `file` from the page cache; resolves with the bytes of it still cached afterwards, when
+  /** Drops `file` from the page cache; returns the bytes of it still cached afterwards, when
    * that can be known (null otherwise). */
   evict(file: string): number | null;
+}
+
+/** An Evictor living in its own process (evict-helper.ts says why). */
+export interface RemoteEvictor {
+  method: EvictionMethod;
+  note: string;
+  evict(file: string): Promise<number | null>;
+  close(): void;
+}
+
+/** The helper entry beside this file: dist/bench/evict-helper.js, or the .ts under a TypeScript
+ * loader (which process.execArgv, passed on, carries). */
+const EVICT_HELPER = path.join(__dirname, `evict-helper${path.extname(__filename)}`);
+
+export async function startEvictor(probeFile: string): Promise<RemoteEvictor> {
+  const child = spawn(process.execPath, [...process.execArgv, EVICT_HELPER, probeFile], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const lines = readline.createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  const next = async (): Promise<Record<string, unknown>> => {
+    const { value, done } = await lines.next();
+    if (done) throw new Error('the eviction helper exited');
+    return JSON.parse(value as string) as Record<string, unknown>;
+  };
+  const hello = await next();
+  return {
+    method: hello.method as EvictionMethod,
+    note: hello.note as string,
+    async evict(file) {
+      child.stdin!.write(`${file}\n`);
+      return (await next()).left as number | null;
+    },
+    close: () => child.stdin!.end(),
+  };
 }
 
 /**
