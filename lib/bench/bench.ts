@@ -74,7 +74,7 @@ export const FULL_CONFIG: BenchConfig = {
   threads: 2,
   contextSize: 4096,
   batchSize: 512,
-  repetitions: 5,
+  repetitions: 9,
   restoreRepetitions: 15,
   sessions: 8,
   sessionTokens: 32,
