@@ -8,7 +8,10 @@
  * - `shared` (1 + sessions sequences, unified KV): sequence 0 holds the template prefix; the resident
  *   tier and the concurrent sessions copy it into their sequences (cells shared, not duplicated).
  * Warm rows are taken in rounds (one of each per round, kvstash and node-llama-cpp interleaved) so
- * that a noisy neighbour on the machine slows all of them alike; each row reports its median.
+ * that a noisy neighbour on the machine slows all of them alike; each row reports its median. Each
+ * warm run follows the suffix prefill alone in the same context; the overhead rows are medians of
+ * those pairs' ratios (a 500 ms step on a shared machine varies by ±10 % from one minute to the
+ * next, more than the 5 % the target allows, so unpaired medians could not tell).
  * Restore rows come from rounds of their own (cache.restore(), the call generate() makes, beside
  * node-llama-cpp's loadStateFromFile), more of them because a few milliseconds are easily disturbed;
  * the restore times inside the warm runs are kept in `samples` (`…RestoreMsInGenerate`).
@@ -28,7 +31,7 @@ import type { Context } from '../llama/context.js';
 import { loadModel, type Model } from '../llama/model.js';
 import type { SyntheticShapeName } from '../models/synthetic.js';
 import { systemInfo } from '../system.js';
-import { round3, Series, type Samples } from './measure.js';
+import { median, round3, Series, type Samples } from './measure.js';
 import { NodeLlamaCppRunner, type NodeLlamaCppInfo } from './node-llama-cpp.js';
 import { measurePageCacheRead, readInto, startEvictor, type RemoteEvictor } from './page-cache.js';
 import { BUILDS, measurePrebuiltVsSource, type PrebuiltVsSource } from './prebuilt-vs-source.js';
@@ -102,6 +105,10 @@ export const ROWS = [
   ['warmDiskTtftMs', 'warm TTFT, disk (page cache warm)', 'ms'],
   ['warmDiskEvictedTtftMs', 'warm TTFT, disk (evicted)', 'ms'],
   ['nlcWarmTtftMs', 'warm TTFT, node-llama-cpp in-sequence reuse', 'ms'],
+  ['warmResidentOverheadRatio', 'warm TTFT / (restore + suffix alone), resident copy', '×'],
+  ['warmRamOverheadRatio', 'warm TTFT / (restore + suffix alone), RAM', '×'],
+  ['warmDiskOverheadRatio', 'warm TTFT / (restore + suffix alone), disk', '×'],
+  ['warmDiskEvictedOverheadRatio', 'warm TTFT / (restore + suffix alone), disk evicted', '×'],
   ['residentRestoreMs', 'restore, resident copy', 'ms'],
   ['ramRestoreMs', 'restore, RAM', 'ms'],
   ['diskRestoreMs', 'restore, disk (page cache warm, verified)', 'ms'],
@@ -120,6 +127,9 @@ export const ROWS = [
   ['sessionsConcurrentMs', 'sessions concurrent: wall time', 'ms'],
   ['sessionsSequentialMs', 'sessions one after another: wall time', 'ms'],
   ['sessionsGeneratedTokens', 'sessions: tokens generated (each run)', 'tokens'],
+  ['sessionsOneTokenStepMs', 'decode step: one token of one session', 'ms'],
+  ['sessionsAllTokensStepMs', 'decode step: one token of every session', 'ms'],
+  ['sessionsStepSpeedup', 'batching gain of a decode step (sessions × one / all): the ceiling of generation', '×'],
   ['sessionsKvCells', 'sessions: KV cells in use', 'cells'],
   ['sessionsKvBytes', 'sessions: KV bytes held', 'bytes'],
   ['sessionsTemplatePlusOwnBytes', 'one template + every session\'s own tokens', 'bytes'],
@@ -327,23 +337,36 @@ async function benchType(
       { name: 'Disk', restoreRow: 'diskRestoreMs', tier: 'disk', context: single, sequence: 0, cache: diskCache, before: () => readInto(entry.path!, warmUp) },
       { name: 'DiskEvicted', restoreRow: 'diskEvictedRestoreMs', tier: 'disk', context: single, sequence: 0, cache: diskCache, before: () => checkEvicted(evictor, entry.path!) },
     ];
+    // The suffix alone, in a tier's own context and sequence: the prefix in place (the previous
+    // run's, or a copy of the template), nothing after it; then the suffix and the first sample.
+    const suffixAlone = async (context: Context, sequence: number): Promise<number> => {
+      await context.exclusive(() => {
+        if (context === single) context.memory.remove(sequence, P);
+        else {
+          context.memory.remove(sequence);
+          context.memory.copy(0, sequence, 0, P);
+        }
+      });
+      const start = performance.now();
+      await context.decode(suffix, { sequence, start: P });
+      sampler.sample(context);
+      return performance.now() - start;
+    };
     await withStatus(`[${type}] Warm rounds (${config.repetitions})`, async () => {
       for (let round = 0; round < config.repetitions; round++) {
         signal.throwIfAborted();
-        // The suffix alone: no cache, the prefix already in the sequence.
-        await single.exclusive(() => single.memory.remove(0, P));
-        const start = performance.now();
-        await single.decode(suffix, { sequence: 0, start: P });
-        sampler.sample(single);
-        series.add('suffixPrefillMs', performance.now() - start);
-
         for (const t of tiers) {
+          // Each warm run is paired with the suffix alone timed just before it in the same context:
+          // their ratio is the overhead of the warm path, and a pair shares the machine's mood.
+          const alone = await suffixAlone(t.context, t.sequence);
+          if (t.context === single) series.add('suffixPrefillMs', alone);
           await t.context.exclusive(() => t.context.memory.remove(t.sequence));
           await t.before?.();
           const result = await generate(t.context, { prompt: full, sequence: t.sequence, cache: t.cache, maxTokens: 1 }).result;
           checkHit(result, t.tier, P);
           series.add(`warm${t.name}TtftMs`, result.ttftMs);
           series.add(`${t.restoreRow}InGenerate`, result.restoreMs);
+          series.add(`warm${t.name}OverheadRatio`, result.ttftMs / (result.restoreMs + alone));
         }
         await shared.exclusive(() => shared.memory.remove(1));
 
@@ -369,6 +392,8 @@ async function benchType(
         if (nlc) {
           await checkEvicted(evictor, nlcStateFile);
           series.add('nlcLoadStateEvictedMs', await nlc.load(nlcStateFile));
+          // The disk tier's warm-up, so both warm loads start from the same state of the CPU caches.
+          readInto(nlcStateFile, warmUp);
           series.add('nlcLoadStateMs', await nlc.load(nlcStateFile));
         }
       }
@@ -377,6 +402,10 @@ async function benchType(
     const sampled: Record<string, Samples> = {};
     const medians = [
       'suffixPrefillMs',
+      'warmResidentOverheadRatio',
+      'warmRamOverheadRatio',
+      'warmDiskOverheadRatio',
+      'warmDiskEvictedOverheadRatio',
       'warmResidentTtftMs',
       'warmRamTtftMs',
       'warmDiskTtftMs',
@@ -477,6 +506,24 @@ async function measureSessions(
   const cells = P + (context.stateSize() - templateState - 4 * (seqIdEntries - P)) / (kvBytesPerCell + 8);
   const ownTokens = held.slice(1).reduce((a, n) => a + (n - P), 0);
 
+  // The most batching can gain while generating, on this machine: one decode step of a token for
+  // every session (each at the end of its sequence) against a step of one token for one session.
+  // A step of one token streams all the weights for little arithmetic; with more tokens per step
+  // the arithmetic grows until the cores, not memory, set the pace.
+  const token = suffixes[0]![0]!;
+  const stepMs = async (count: number): Promise<number> => {
+    const times: number[] = [];
+    for (let repetition = 0; repetition < 5; repetition++) {
+      const start = performance.now();
+      await context.decode(new Int32Array(count).fill(token), { sequence: sequences.slice(0, count), positions: held.slice(1, 1 + count), logits: 'all' });
+      times.push(performance.now() - start);
+      await context.exclusive(() => sequences.slice(0, count).forEach((s, i) => context.memory.remove(s, held[1 + i]!)));
+    }
+    return median(times);
+  };
+  const oneTokenStepMs = await stepMs(1);
+  const allSessionsStepMs = await stepMs(sequences.length);
+
   await clearSessions();
   const sequential: GenerationResult[] = [];
   start = performance.now();
@@ -490,6 +537,9 @@ async function measureSessions(
       sessionsConcurrentTokensPerSecond: generated(concurrent) / (concurrentMs / 1000),
       sessionsSequentialTokensPerSecond: generated(sequential) / (sequentialMs / 1000),
       sessionsConcurrentMs: concurrentMs,
+      sessionsOneTokenStepMs: oneTokenStepMs,
+      sessionsAllTokensStepMs: allSessionsStepMs,
+      sessionsStepSpeedup: (sequences.length * oneTokenStepMs) / allSessionsStepMs,
       sessionsSequentialMs: sequentialMs,
       sessionsGeneratedTokens: generated(concurrent),
       sessionsKvCells: Math.round(cells),

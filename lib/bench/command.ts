@@ -101,5 +101,6 @@ function cell(value: number | null, unit: string): string {
   if (value === null) return '-';
   if (unit === 'ms') return ms(value);
   if (unit === 'tok/s' || unit === 'MB/s') return value >= 100 ? fmt(Math.round(value)) : value.toFixed(1);
+  if (unit === '×') return `${value.toFixed(3)}×`;
   return fmt(value);
 }
