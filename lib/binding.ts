@@ -91,16 +91,17 @@ export interface NativeContext {
   loadStateFile(path: string, sequence: number): Promise<Int32Array>;
   exportState(sequence: number): Promise<Buffer>;
   importState(bytes: Uint8Array, sequence: number): Promise<void>;
-  /** Resolves with the verified payload (its own memory, no copy) when `keepPayload` is true. */
+  /** Verifies bytes [0, checkedLength) chunk by chunk while it imports the payload range. */
   importVerifiedStateFile(
     path: string,
     sequence: number,
     checkedLength: number,
-    expected: bigint,
+    chunkBytes: number,
+    /** u64 LE XXH64 per chunk of [0, checkedLength), chunk i with seed i. */
+    digests: Uint8Array,
     payloadOffset: number,
     payloadLength: number,
-    keepPayload: boolean,
-  ): Promise<Buffer | undefined>;
+  ): Promise<void>;
   dispose(): void;
 }
 
@@ -239,6 +240,8 @@ export interface NativeBinding {
   loadModel(path: string, options: { useMmap?: boolean }, onProgress?: ProgressCallback): Promise<NativeModel>;
   /** XXH64 (seed 0) of the parts, concatenated. */
   checksum(parts: readonly Uint8Array[]): Promise<bigint>;
+  /** XXH64 of each chunkBytes-long chunk of the parts concatenated, chunk i with seed i: u64 LE each. */
+  chunkChecksums(parts: readonly Uint8Array[], chunkBytes: number): Promise<Buffer>;
   quantize(source: string, destination: string, type: string, threads: number): Promise<void>;
   setErrorClass(errorClass: typeof KvstashError): void;
   setLogLevel(level: number): void;

@@ -41,6 +41,61 @@ const EDITS = [
     find: 'neq1 >= Q_TILE_SZ);',
     replace: 'neq1 >= Q_TILE_SZ / 2); // kvstash: tiled from 32 query rows (scripts/fetch-llama.js)',
   },
+  {
+    // A verified restore checks every 1 MiB chunk of an entry against its digest before llama.cpp
+    // reads it. Checking all of it first and then importing reads the bytes twice, one pass after
+    // the other; with this gate llama.cpp imports chunk k while kvstash checks chunk k+1 on another
+    // core, and waits when it catches up. llama_io_read_host is the reader behind
+    // llama_state_set_data and llama_state_seq_set_data (host memory): every byte it hands on goes
+    // through read() or through the tensor copies flushed in its destructor, so the gate sits in
+    // those two places. The function is declared weak: llama.cpp built without kvstash has no
+    // gate and reads as before. kvstash's definition is binding/llama/StateReadGate.cpp.
+    file: 'src/llama-context.cpp',
+    find: [
+      'class llama_io_read_host : public llama_io_read_i {',
+      'public:',
+      '    llama_io_read_host(const uint8_t * p, size_t len) : ptr(p), buf_size(len) {}',
+      '',
+      '    ~llama_io_read_host() {',
+      '        // flush the reads',
+      '        for (const auto & rinfo : rinfos) {',
+      '            ggml_backend_tensor_set(rinfo.tensor, rinfo.ptr, rinfo.offset, rinfo.size);',
+      '        }',
+      '    }',
+      '',
+      '    void read(void * dst, size_t size) override {',
+      '        if (size > buf_size) {',
+      '            throw std::runtime_error("unexpectedly reached end of buffer");',
+      '        }',
+      '        memcpy(dst, ptr, size);',
+    ].join('\n'),
+    replace: [
+      '// kvstash: may llama.cpp read these state bytes yet? Waits until they are verified; false when',
+      '// they failed (scripts/fetch-llama.js).',
+      'extern "C" bool kvstash_state_read_gate(const void * data, size_t size) __attribute__((weak));',
+      '',
+      'class llama_io_read_host : public llama_io_read_i {',
+      'public:',
+      '    llama_io_read_host(const uint8_t * p, size_t len) : ptr(p), buf_size(len) {}',
+      '',
+      '    ~llama_io_read_host() {',
+      '        // flush the reads',
+      '        for (const auto & rinfo : rinfos) {',
+      '            if (kvstash_state_read_gate && !kvstash_state_read_gate(rinfo.ptr, rinfo.size)) break; // kvstash',
+      '            ggml_backend_tensor_set(rinfo.tensor, rinfo.ptr, rinfo.offset, rinfo.size);',
+      '        }',
+      '    }',
+      '',
+      '    void read(void * dst, size_t size) override {',
+      '        if (size > buf_size) {',
+      '            throw std::runtime_error("unexpectedly reached end of buffer");',
+      '        }',
+      '        if (kvstash_state_read_gate && !kvstash_state_read_gate(ptr, size)) { // kvstash',
+      '            throw std::runtime_error("kvstash: the state bytes failed verification");',
+      '        }',
+      '        memcpy(dst, ptr, size);',
+    ].join('\n'),
+  },
 ];
 
 const root = path.resolve(__dirname, '..');

@@ -3,7 +3,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { DirectoryStore, generate, loadModel, PromptCache, type Context, type Model } from '../lib/index.js';
+import { native } from '../lib/binding.js';
+import { writeEntry } from '../lib/cache/entry.js';
+import { DirectoryStore, generate, loadModel, PromptCache, readEntryFile, readVerifiedEntry, type Context, type Model } from '../lib/index.js';
 import { bitIdentical, maxAbsDiff, promptTokens, tinyModel, skipUnderEmulation } from './helpers/fixtures.js';
 
 let model: Model;
@@ -155,8 +157,12 @@ t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', asy
     variants.push([`truncated to ${length} bytes`, good.subarray(0, length)]);
   }
   const wrongVersion = Buffer.from(good);
-  wrongVersion.writeUInt32LE(2, 8);
-  variants.push(['format version 2', wrongVersion]);
+  wrongVersion.writeUInt32LE(3, 8);
+  variants.push(['format version 3', wrongVersion]);
+  const lyingChunkSize = Buffer.from(good);
+  const chunkField = lyingChunkSize.indexOf('"checksumChunkBytes":65536');
+  lyingChunkSize.write('"checksumChunkBytes":65535', chunkField, 'latin1');
+  variants.push(['a chunk size that is not a power of two', lyingChunkSize]);
   variants.push(['random bytes', Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 131 + 7) % 256))]);
   variants.push(['text', Buffer.from('definitely not a cache entry\n')]);
   variants.push(['appended bytes', Buffer.concat([good, Buffer.from('extra')])]);
@@ -175,6 +181,98 @@ t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', asy
     const verified = await new PromptCache({ dir }).verify();
     t.equal(verified.ok + verified.corrupt.length <= 1, true);
   }
+  await context.dispose();
+});
+
+t.test('every chunk of an entry is verified before it loads; entries of format 1 still load', async (t) => {
+  const source = cacheIn(t);
+  const context = await model.createContext({ contextSize: 1024 });
+  const warmed = await source.warm(context, prefix);
+  await source.flush();
+  const { entry, payload } = await readVerifiedEntry(warmed.path ?? path.join(source.dir!, `${warmed.key}.kvstash`));
+  t.match(entry, { version: 2, chunkBytes: 1 << 16 }, 'written in format 2 with 64 KiB chunks');
+  const cold = await coldLogits(prompt, prefix.length);
+
+  async function restoreFrom(file: string, bytes: Buffer) {
+    const dir = t.testdir();
+    fs.writeFileSync(path.join(dir, path.basename(file)), bytes);
+    const cache = new PromptCache({ dir, maxRamBytes: 0 });
+    const problems: Array<{ code: string; message: string }> = [];
+    cache.on('problem', (p) => problems.push(p));
+    await context.exclusive(() => context.memory.clear());
+    const { restored, logits } = await restoredLogits(cache, context, prompt);
+    return { restored, logits, problems };
+  }
+
+  // The same entry in 4 KiB chunks: about 20 chunks, verified on several threads.
+  const smallChunks = path.join(t.testdir(), `${entry.key}.kvstash`);
+  await writeEntry(smallChunks, entry.header, payload, { chunkBytes: 4096 });
+  const small = await readEntryFile(smallChunks);
+  const chunks = small.chunkDigests.length / 8;
+  t.equal(chunks, Math.ceil(small.checkedLength / 4096));
+  t.ok(chunks >= 10, `${chunks} chunks`);
+  const good = fs.readFileSync(smallChunks);
+  const loaded = await restoreFrom(smallChunks, good);
+  t.match(loaded.restored, { cachedTokens: prefix.length, tier: 'disk' });
+  t.ok(bitIdentical(loaded.logits, cold), 'small chunks: bit-identical to a cold prefill');
+  t.same(loaded.problems, []);
+  // One flipped byte in the first, a middle and the last chunk: each is caught by its own digest
+  // (the digest table itself is intact, so only the chunk check can tell).
+  for (const offset of [small.payloadOffset + 3, small.payloadOffset + 4096 * 7 + 1000, small.checkedLength - 1]) {
+    const flipped = Buffer.from(good);
+    flipped[offset] ^= 0x01;
+    const rejected = await restoreFrom(smallChunks, flipped);
+    t.equal(rejected.restored.cachedTokens, 0, `byte ${offset} (chunk ${Math.floor(offset / 4096)}) flipped: nothing restored`);
+    t.match(rejected.problems, [{ code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }]);
+  }
+  // The file cut short after its structure was read (another program truncating it in place): the
+  // import's own read finds the end early, fails as a whole and leaves the sequence empty.
+  const cut = path.join(t.testdir(), 'cut.kvstash');
+  fs.writeFileSync(cut, good);
+  const ranges = await readEntryFile(cut);
+  fs.truncateSync(cut, small.payloadOffset + 4096 * 9);
+  await context.exclusive(() => context.memory.clear());
+  await t.rejects(
+    context.importVerifiedFile(cut, { ...ranges, payloadBytes: ranges.header.payloadBytes }, { sequence: 0 }),
+    { code: 'E_CACHE_CORRUPT', message: /cannot read cache entry .*cut\.kvstash: the file ends early/ },
+  );
+  t.same(await context.exclusive(() => context.memory.range(0)), { min: -1, max: -1 }, 'nothing of it stays in the sequence');
+
+  // Two chunks swapped along with their digests: the seeds (chunk index) tell.
+  const swapped = Buffer.from(good);
+  const digestsAt = small.checkedLength;
+  const [a, b] = [3, 4];
+  good.copy(swapped, a * 4096, b * 4096, (b + 1) * 4096);
+  good.copy(swapped, b * 4096, a * 4096, (a + 1) * 4096);
+  good.copy(swapped, digestsAt + 8 * a, digestsAt + 8 * b, digestsAt + 8 * b + 8);
+  good.copy(swapped, digestsAt + 8 * b, digestsAt + 8 * a, digestsAt + 8 * a + 8);
+  const tableSum = await native().checksum([swapped.subarray(digestsAt, digestsAt + small.chunkDigests.length)]);
+  swapped.writeBigUInt64LE(tableSum, digestsAt + small.chunkDigests.length);
+  const reordered = await restoreFrom(smallChunks, swapped);
+  t.equal(reordered.restored.cachedTokens, 0, 'swapped chunks with swapped digests: nothing restored');
+  t.match(reordered.problems, [{ code: 'E_CACHE_CORRUPT' }]);
+
+  // Format 1, written here byte by byte: one XXH64 over [0, P+L), no chunk size in the header.
+  const { checksumChunkBytes: _unused, ...headerV1 } = entry.header;
+  const json = Buffer.from(JSON.stringify(headerV1));
+  const head = Buffer.alloc(Math.ceil((16 + json.length) / 64) * 64);
+  head.write('KVSTASH\0', 0, 'latin1');
+  head.writeUInt32LE(1, 8);
+  head.writeUInt32LE(json.length, 12);
+  json.copy(head, 16);
+  const trailer = Buffer.alloc(16);
+  trailer.writeBigUInt64LE(await native().checksum([head, payload]), 0);
+  trailer.write('KVSTEND\0', 8, 'latin1');
+  const v1 = Buffer.concat([head, payload, trailer]);
+  const oldEntry = await restoreFrom(smallChunks, v1);
+  t.match(oldEntry.restored, { cachedTokens: prefix.length, tier: 'disk' });
+  t.ok(bitIdentical(oldEntry.logits, cold), 'format 1: bit-identical to a cold prefill');
+  t.same(oldEntry.problems, []);
+  const v1Flipped = Buffer.from(v1);
+  v1Flipped[head.length + (payload.length >> 1)] ^= 0x08;
+  const v1Rejected = await restoreFrom(smallChunks, v1Flipped);
+  t.equal(v1Rejected.restored.cachedTokens, 0, 'format 1 with a flipped payload byte: nothing restored');
+  t.match(v1Rejected.problems, [{ code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }]);
   await context.dispose();
 });
 
@@ -260,7 +358,7 @@ t.test('eviction keeps each tier within its budget; statistics add up', async (t
   await context.dispose();
 });
 
-t.test('a disk hit promotes the payload it verified to RAM: no second read, and the next disk hit still loads', async (t) => {
+t.test('a disk hit promotes the entry to RAM in the background, and the next disk hit still loads', async (t) => {
   const writer = cacheIn(t);
   const context = await model.createContext({ contextSize: 1024 });
   const first = await writer.warm(context, prefix, { label: 'first' });
@@ -277,7 +375,8 @@ t.test('a disk hit promotes the payload it verified to RAM: no second read, and 
   const disk = await restoredLogits(cache, reader, prompt);
   t.match(disk.restored, { tier: 'disk', cachedTokens: 300, key: first.key });
   t.ok(bitIdentical(disk.logits, await coldLogits(prompt, 300)), 'disk: bit-identical');
-  t.equal(cache.stats().entries.ram, 1, 'promoted as soon as the restore resolved');
+  await cache.flush();
+  t.equal(cache.stats().entries.ram, 1, 'promoted once the background read finished');
 
   // The entry file is gone: only the promoted bytes can serve the next restore.
   fs.rmSync(path.join(writer.dir!, `${first.key}.kvstash`));
@@ -287,8 +386,7 @@ t.test('a disk hit promotes the payload it verified to RAM: no second read, and 
   t.ok(bitIdentical(ram.logits, await coldLogits(prompt, 300)), 'promoted RAM entry: bit-identical');
   await fresh.dispose();
 
-  // The reader's context gave its import buffer away with the promotion; its next disk hit maps a
-  // new one.
+  // The same context's next disk hit: another entry, another mapping.
   const otherPrompt = new Int32Array([...otherPrefix, ...suffix]);
   const second = await restoredLogits(cache, reader, otherPrompt);
   t.match(second.restored, { tier: 'disk', cachedTokens: 200, key: other.key });
@@ -299,6 +397,7 @@ t.test('a disk hit promotes the payload it verified to RAM: no second read, and 
   const diskOnly = new PromptCache({ dir: writer.dir, maxRamBytes: 0 });
   const third = await model.createContext({ contextSize: 1024 });
   t.match((await diskOnly.restore(third, otherPrompt)).tier, 'disk');
+  await diskOnly.flush();
   t.equal(diskOnly.stats().entries.ram, 0);
   await third.dispose();
   t.same(problems, []);

@@ -156,6 +156,7 @@ for (const version of FAKE_VERSIONS) {
           label: systemPromptCacheLabel(rendered(SYSTEM)),
           createdAt: 'x',
           payloadBytes: runtimeFileBytes,
+          checksumChunkBytes: 1 << 16,
         },
         'header fields exact',
       );

@@ -2,12 +2,17 @@
 // Chosen for speed (several GB/s on one core, x86-64 and aarch64 alike, no special instructions):
 // a restore verifies every byte of a multi-megabyte state before llama.cpp sees it, and the check
 // must cost less than reading the file. It detects corruption, not tampering.
+//
+// Entries of format 2 hash fixed-size chunks separately (chunk i with seed i), so that a restore
+// verifies them on several cores at once: one XXH64 stream cannot be split, and on two cores its
+// single pass was most of a verified restore (lib/cache/entry.ts has the format).
 #pragma once
 
 #include <napi.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace kvstash {
 
@@ -15,10 +20,6 @@ class Xxh64 {
  public:
   explicit Xxh64(uint64_t seed = 0);
   void Update(const uint8_t* data, size_t size);
-  // Update() of `size` bytes from `source` that also stores them to `target`, in the same pass.
-  // What is hashed is exactly what is stored, even if `source` changes meanwhile (a file mapping
-  // another process writes to): checking `target` afterwards needs no second read.
-  void UpdateCopy(const uint8_t* source, uint8_t* target, size_t size);
   uint64_t Digest() const;
 
  private:
@@ -29,7 +30,21 @@ class Xxh64 {
   size_t pendingSize_ = 0;
 };
 
+struct ByteSpan {
+  const uint8_t* data;
+  size_t size;
+};
+
+// The XXH64 of each `chunkBytes`-long chunk of the spans concatenated (the last chunk may be
+// shorter), chunk i hashed with seed i, stored little-endian at digests + 8 * i; the caller sizes
+// `digests` for ChunkCount() chunks. Chunks are hashed on up to four threads (the caller's among
+// them). With chunkBytes >= the total, this is one XXH64 with seed 0: format 1's checksum.
+void ChunkDigests(const std::vector<ByteSpan>& spans, uint64_t chunkBytes, uint8_t* digests);
+uint64_t ChunkCount(uint64_t totalBytes, uint64_t chunkBytes);
+
 // checksum(parts: Uint8Array[]) -> Promise<bigint>: XXH64 (seed 0) of the parts concatenated.
 Napi::Value Checksum(const Napi::CallbackInfo& info);
+// chunkChecksums(parts: Uint8Array[], chunkBytes: number) -> Promise<Buffer>: ChunkDigests().
+Napi::Value ChunkChecksums(const Napi::CallbackInfo& info);
 
 }  // namespace kvstash

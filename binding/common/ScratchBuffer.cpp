@@ -4,21 +4,8 @@
 #include <unistd.h>
 
 #include <new>
-#include <utility>
 
 namespace kvstash {
-
-ScratchBuffer::ScratchBuffer(ScratchBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), capacity_(std::exchange(other.capacity_, 0)) {}
-
-ScratchBuffer& ScratchBuffer::operator=(ScratchBuffer&& other) noexcept {
-  if (this != &other) {
-    Release();
-    data_ = std::exchange(other.data_, nullptr);
-    capacity_ = std::exchange(other.capacity_, 0);
-  }
-  return *this;
-}
 
 uint8_t* ScratchBuffer::Reserve(size_t size) {
   if (size <= capacity_ && data_ != nullptr) return data_;

@@ -4,8 +4,7 @@
 // parent copy-on-write, so the parent's next write to each 4 KiB page of a 25 MB buffer is a page
 // fault; measured, that turned a 2 ms read into 8-12 ms after every spawn. MADV_DONTFORK keeps
 // the pages out of the child, so a fork leaves them writable. The buffer is page-aligned memory
-// of its own (mmap), faulted in once when it grows; moving it hands the memory over (to a JS
-// Buffer's finalizer, say).
+// of its own (mmap), faulted in once when it grows.
 // (No MADV_HUGEPAGE: with the common THP setting defrag=madvise the kernel may compact memory
 // synchronously when the pages are first touched; restores that mapped a new buffer took 75 ms
 // with it, 19 ms without.)
@@ -21,8 +20,6 @@ class ScratchBuffer {
   ScratchBuffer() = default;
   ScratchBuffer(const ScratchBuffer&) = delete;
   ScratchBuffer& operator=(const ScratchBuffer&) = delete;
-  ScratchBuffer(ScratchBuffer&& other) noexcept;
-  ScratchBuffer& operator=(ScratchBuffer&& other) noexcept;
   ~ScratchBuffer() { Release(); }
 
   // At least `size` writable bytes; the contents are not kept when it grows. Throws

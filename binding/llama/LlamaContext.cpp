@@ -9,8 +9,6 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/AddonData.h"
@@ -18,6 +16,7 @@
 #include "common/Errors.h"
 #include "common/ProgressReporter.h"
 #include "common/PromiseWorker.h"
+#include "llama/StateReadGate.h"
 
 namespace kvstash {
 
@@ -693,72 +692,19 @@ Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
   return (new StateImportWorker(env, this, bytes, seq))->Start();
 }
 
-namespace {
-
-// Copies bytes [0, length) of `fd` into `target` and returns their XXH64. Every byte hashed is a
-// byte of `target`, so checking the result checks exactly what llama.cpp will read.
-//
-// The file is mapped (its pages are the page cache's, so nothing is copied by the kernel) and
-// copied while it is hashed, in one pass: about the cost of the hash alone, where read() into the
-// buffer and then hashing it cost a copy more (2 ms of 7 for a 25 MB state). A mapped page that
-// cannot be read raises SIGBUS instead of returning an error, so the mapping is used only when
-// every page is in memory once populated; otherwise (an I/O error, memory pressure) the bytes
-// come through pread, where a failure is an error code like any other. What remains is a file cut
-// short in place by another program during the copy (kvstash replaces entries by rename, never in
-// place): that raises SIGBUS, as it would for any reader that maps files (SQLite's mmap mode too).
-uint64_t CopyAndHashFile(int fd, const std::string& path, uint8_t* target, uint64_t length) {
-  Xxh64 hash;
-  constexpr uint64_t kChunk = 1 << 20;
-#ifdef MAP_POPULATE
-  void* mapped = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-  if (mapped != MAP_FAILED) {
-    struct UnmapOnExit {
-      void* address;
-      size_t length;
-      ~UnmapOnExit() { ::munmap(address, length); }
-    } unmapper{mapped, length};
-    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-    std::vector<unsigned char> resident((length + page - 1) / page);
-    if (::mincore(mapped, length, resident.data()) == 0 &&
-        std::all_of(resident.begin(), resident.end(), [](unsigned char r) { return (r & 1) != 0; })) {
-      const auto* source = static_cast<const uint8_t*>(mapped);
-      for (uint64_t done = 0; done < length; done += kChunk) {
-        hash.UpdateCopy(source + done, target + done, std::min(kChunk, length - done));
-      }
-      return hash.Digest();
-    }
-  }
-#endif
-  for (uint64_t done = 0; done < length;) {
-    const uint64_t want = std::min(kChunk, length - done);
-    const ssize_t got = ::pread(fd, target + done, want, static_cast<off_t>(done));
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path + ": " + std::strerror(errno));
-    }
-    if (got == 0) throw NativeError("E_CACHE_CORRUPT", "cache entry " + path + " is truncated");
-    // Hashed right after it is read, while it is still in the CPU cache.
-    hash.Update(target + done, static_cast<size_t>(got));
-    done += static_cast<uint64_t>(got);
-  }
-  return hash.Digest();
-}
-
-}  // namespace
-
-// Reads a file region, verifies its XXH64 and imports a sub-range as sequence state, all on the
-// worker thread. lib/cache decides what the ranges mean (the entry format); this only guarantees
-// that llama.cpp never sees a byte that failed the check. With `keepPayload` the verified payload
-// is handed to JS afterwards, without a copy: the context's buffer becomes the Buffer's memory
-// (the next verified import maps a new one).
+// Reads a file region, verifies it against its chunk digests (lib/cache/entry.ts: format 2 hashes
+// 64 KiB chunks, format 1 is one chunk) and imports a sub-range as sequence state, all off the main
+// thread. lib/cache decides what the ranges mean; this guarantees that llama.cpp reads no byte
+// before it is verified, and that an import fails as a whole when any chunk does. Reading,
+// checking and importing overlap (StateReadGate): about one pass over the bytes instead of three.
 class StateImportVerifiedFileWorker : public ContextWorker {
  public:
   StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
-                                uint64_t checkedLength, uint64_t expected, uint64_t payloadOffset,
-                                uint64_t payloadLength, ScratchBuffer* scratch, bool keepPayload)
+                                uint64_t checkedLength, uint64_t chunkBytes, std::vector<uint8_t> digests,
+                                uint64_t payloadOffset, uint64_t payloadLength, ScratchBuffer* scratch)
       : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
-        checkedLength_(checkedLength), expected_(expected), payloadOffset_(payloadOffset),
-        payloadLength_(payloadLength), scratch_(scratch), keepPayload_(keepPayload) {}
+        checkedLength_(checkedLength), chunkBytes_(chunkBytes), digests_(std::move(digests)),
+        payloadOffset_(payloadOffset), payloadLength_(payloadLength), scratch_(scratch) {}
 
  protected:
   void Work(llama_context* ctx) override {
@@ -768,77 +714,74 @@ class StateImportVerifiedFileWorker : public ContextWorker {
       int fd;
       ~CloseOnExit() { ::close(fd); }
     } closer{fd};
-    struct stat info;
-    if (::fstat(fd, &info) != 0) {
-      throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path_ + ": " + std::strerror(errno));
-    }
-    // Also what keeps the mapping inside the file (a page past its end raises SIGBUS).
-    if (static_cast<uint64_t>(info.st_size) < checkedLength_) {
-      throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " is truncated");
-    }
-    // The buffer is reused across restores: a fresh multi-megabyte allocation would page-fault on
-    // every first touch, which costs as much as the read itself.
+    // Reused across restores: a fresh multi-megabyte allocation page-faults on first touch, which
+    // costs as much as the read itself.
     uint8_t* buffer = scratch_->Reserve(checkedLength_);
-    if (CopyAndHashFile(fd, path_, buffer, checkedLength_) != expected_) {
+    size_t read = 0;
+    bool verified = false;
+    std::string readError;
+    {
+      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_);
+      read = seq_ < 0 ? llama_state_set_data(ctx, buffer + payloadOffset_, payloadLength_)
+                      : llama_state_seq_set_data(ctx, buffer + payloadOffset_, payloadLength_, seq_);
+      // Every chunk, also those llama.cpp did not need to read (the header's).
+      verified = gate.AllVerified();
+      readError = gate.ReadError();
+      if (read != 0 && !gate.Consulted()) {
+        // CMakeLists.txt refuses such a tree; this is the check that it did.
+        throw NativeError("E_NATIVE", "this build's llama.cpp lacks kvstash's read gate (scripts/fetch-llama.js): rebuild");
+      }
+    }
+    if (!readError.empty()) throw NativeError("E_CACHE_CORRUPT", "cannot read cache entry " + path_ + ": " + readError);
+    if (!verified) {
       throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " failed its checksum: its bytes changed after it was written");
     }
-    const uint8_t* payload = buffer + payloadOffset_;
-    const size_t read = seq_ < 0 ? llama_state_set_data(ctx, payload, payloadLength_)
-                                 : llama_state_seq_set_data(ctx, payload, payloadLength_, seq_);
     if (read == 0) {
       throw NativeError("E_CACHE_MISMATCH",
                         WithLlamaReason("llama.cpp refused the state in " + path_ +
                                         " (its layout does not match this context)"));
-    }
-    if (keepPayload_) {
-      kept_ = std::move(*scratch_);
-    }
-  }
-
-  Napi::Value Result(Napi::Env env) override {
-    if (kept_.data() == nullptr) return env.Undefined();
-    auto* kept = new ScratchBuffer(std::move(kept_));
-    try {
-      return Napi::Buffer<uint8_t>::New(env, kept->data() + payloadOffset_, payloadLength_,
-                                        [](Napi::Env, uint8_t*, ScratchBuffer* memory) { delete memory; }, kept);
-    } catch (const Napi::Error&) {
-      // The state is loaded either way; without the Buffer there is only nothing to promote.
-      delete kept;
-      return env.Undefined();
     }
   }
 
  private:
   std::string path_;
   llama_seq_id seq_;
-  uint64_t checkedLength_, expected_, payloadOffset_, payloadLength_;
+  uint64_t checkedLength_, chunkBytes_;
+  std::vector<uint8_t> digests_;
+  uint64_t payloadOffset_, payloadLength_;
   ScratchBuffer* scratch_;
-  bool keepPayload_;
-  ScratchBuffer kept_;
 };
 
-// importVerifiedStateFile(path, seq, checkedLength, expected: bigint, payloadOffset, payloadLength,
-//                         keepPayload?: boolean) -> Promise<Buffer | undefined>
+// importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests: Uint8Array, payloadOffset,
+//                         payloadLength) -> Promise<void>
+// `digests`: the little-endian XXH64 of each chunk of [0, checkedLength), as ChunkDigests().
 Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireIdle(env);
-  if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsBigInt() || !info[4].IsNumber() || !info[5].IsNumber()) {
-    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, expected, payloadOffset, payloadLength, keepPayload)");
+  if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsNumber() || !info[4].IsTypedArray() ||
+      info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[5].IsNumber() || !info[6].IsNumber()) {
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, payloadOffset, payloadLength)");
   }
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
   const double checked = info[2].As<Napi::Number>().DoubleValue();
-  bool lossless = false;
-  const uint64_t expected = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
-  const double offset = info[4].As<Napi::Number>().DoubleValue();
-  const double length = info[5].As<Napi::Number>().DoubleValue();
-  const bool keepPayload = info[6].ToBoolean().Value();
-  if (!lossless || checked < 0 || offset < 0 || length <= 0 || offset + length > checked || checked > 9.0e15) {
+  const double chunkBytes = info[3].As<Napi::Number>().DoubleValue();
+  Napi::Uint8Array digests = info[4].As<Napi::Uint8Array>();
+  const double offset = info[5].As<Napi::Number>().DoubleValue();
+  const double length = info[6].As<Napi::Number>().DoubleValue();
+  auto isCount = [](double v) { return v >= 0 && v <= 9.0e15 && v == static_cast<double>(static_cast<uint64_t>(v)); };
+  if (!isCount(checked) || !isCount(offset) || !isCount(length) || length == 0 || offset + length > checked) {
     throw Napi::RangeError::New(env, "importVerifiedStateFile: the payload must lie inside the checked range");
   }
+  if (!isCount(chunkBytes) || chunkBytes == 0 ||
+      digests.ByteLength() != 8 * ChunkCount(static_cast<uint64_t>(checked), static_cast<uint64_t>(chunkBytes))) {
+    throw Napi::RangeError::New(env, "importVerifiedStateFile: digests must hold 8 bytes per chunk of the checked range");
+  }
+  std::vector<uint8_t> expected(digests.Data(), digests.Data() + digests.ByteLength());
   BeginOperation(env);
   return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
-                                            expected, static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
-                                            &importScratch_, keepPayload))
+                                            static_cast<uint64_t>(chunkBytes), std::move(expected),
+                                            static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
+                                            &importScratch_))
       ->Start();
 }
 

@@ -97,7 +97,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   int32_t threads_ = 0;
 
   DecodeOutputs outputs_;
-  ScratchBuffer importScratch_;  // reused by verified imports, unless one hands it over to JS
+  ScratchBuffer importScratch_;  // verified imports read entry files into it
   std::atomic<bool> busy_{false};
   std::atomic<bool> abort_{false};
   // `running_` is true from the start of a slow operation until its worker thread has left

@@ -2,21 +2,32 @@
  * The kvstash cache entry: a backend's state bytes wrapped with everything needed to decide,
  * before a single byte reaches the backend, whether they may be loaded here.
  *
- * Layout (all integers little-endian):
+ * Layout of format version 2, the one written (all integers little-endian):
  *
- *   offset  size  field
- *   0       8     magic "KVSTASH\0"
- *   8       4     format version (u32, currently 1)
- *   12      4     header length H (u32)
- *   16      H     header: UTF-8 JSON (EntryHeader)
- *   16+H    pad   zero bytes up to the next multiple of 64 (the payload offset P)
- *   P       L     payload: L = header.payloadBytes state bytes
- *   P+L     8     XXH64 (seed 0) of bytes [0, P+L) (u64)
- *   P+L+8   8     trailer magic "KVSTEND\0"
+ *   offset    size  field
+ *   0         8     magic "KVSTASH\0"
+ *   8         4     format version (u32, 2)
+ *   12        4     header length H (u32)
+ *   16        H     header: UTF-8 JSON (EntryHeader; `checksumChunkBytes` = C)
+ *   16+H      pad   zero bytes up to the next multiple of 64 (the payload offset P)
+ *   P         L     payload: L = header.payloadBytes state bytes
+ *   P+L       8N    chunk digests: N = ceil((P+L) / C); digest i is the XXH64 with seed i of bytes
+ *                   [i*C, min((i+1)*C, P+L)) (u64 each)
+ *   P+L+8N    8     XXH64 (seed 0) of the N digests: the entry's checksum (u64)
+ *   P+L+8N+8  8     trailer magic "KVSTEND\0"
  *
- * A file whose size is not exactly P+L+16, whose magics, version or header do not parse, or whose
- * checksum differs is corrupt (E_CACHE_CORRUPT). A well-formed entry made by another model or for
- * an incompatible context is a mismatch (E_CACHE_MISMATCH).
+ * Why chunks: a restore checks chunks on two threads while llama.cpp imports the ones already
+ * checked (binding/llama/StateReadGate.h), instead of one sequential XXH64 pass before the import.
+ * Writers use C = 64 KiB: llama.cpp reads a few bytes of every layer's header before it copies any
+ * bulk, and each such read needs its whole chunk checked first.
+ *
+ * Format version 1 (still read): the same up to the payload, then one XXH64 (seed 0) of bytes
+ * [0, P+L) and the trailer magic, and no `checksumChunkBytes` — the same as version 2's single
+ * digest when C >= P+L, so both are verified by the same code.
+ *
+ * A file whose size is not exactly what its header describes, whose magics, version or header do
+ * not parse, or whose checksums differ is corrupt (E_CACHE_CORRUPT). A well-formed entry made by
+ * another model or for an incompatible context is a mismatch (E_CACHE_MISMATCH).
  */
 import { createHash } from 'node:crypto';
 import fsp from 'node:fs/promises';
@@ -26,10 +37,17 @@ import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 
 export const ENTRY_MAGIC = Buffer.from('KVSTASH\0', 'latin1');
 export const ENTRY_TRAILER = Buffer.from('KVSTEND\0', 'latin1');
-export const ENTRY_VERSION = 1;
+export const ENTRY_VERSION = 2;
+/** The chunk size writers use for the chunk digests (format 2). */
+export const CHECKSUM_CHUNK_BYTES = 1 << 16;
 export const ENTRY_EXTENSION = '.kvstash';
 const PREAMBLE_BYTES = 16;
+/** The trailer after the digests: the table's own checksum and the trailer magic. */
 const TRAILER_BYTES = 16;
+const DIGEST_BYTES = 8;
+/** Bounds on a format 2 entry's chunk size: powers of two, from a page to 1 GiB. */
+const MIN_CHUNK_BYTES = 4096;
+const MAX_CHUNK_BYTES = 1 << 30;
 const PAYLOAD_ALIGNMENT = 64;
 /** Headers larger than this are corrupt: 64 MiB holds millions of tokens. */
 const MAX_HEADER_BYTES = 64 << 20;
@@ -60,6 +78,8 @@ export interface EntryHeader {
   label: string | null;
   createdAt: string;
   payloadBytes: number;
+  /** Format 2: the size of the checksummed chunks. Set by the writer (writeEntry, encodeEntry). */
+  checksumChunkBytes?: number;
 }
 
 /** Where the parts of an entry file are, from its preamble, header and trailer. */
@@ -67,11 +87,32 @@ export interface EntryFile {
   header: EntryHeader;
   /** Identity of the entry: the same model, layout and tokens give the same key. */
   key: string;
+  /** The format version the file was written in (1 or 2). */
+  version: number;
   payloadOffset: number;
-  /** Bytes covered by the checksum: [0, checkedLength). */
+  /** Bytes covered by the chunk digests: [0, checkedLength). */
   checkedLength: number;
+  /** The chunk size of the digests (format 1: checkedLength, one chunk). */
+  chunkBytes: number;
+  /** The chunk digests as stored: 8 bytes (u64 LE) per chunk. Format 1: its one checksum. */
+  chunkDigests: Buffer;
+  /** The entry's checksum: format 2, the XXH64 of the digests (verified); format 1, its one XXH64. */
   checksum: bigint;
   fileSize: number;
+}
+
+/** What a verified import needs to know about an entry file (LlamaContext#importVerifiedFile). */
+export interface VerifiedRanges {
+  checkedLength: number;
+  chunkBytes: number;
+  chunkDigests: Uint8Array;
+  payloadOffset: number;
+  payloadBytes: number;
+}
+
+export function verifiedRanges(entry: EntryFile): VerifiedRanges {
+  const { checkedLength, chunkBytes, chunkDigests, payloadOffset } = entry;
+  return { checkedLength, chunkBytes, chunkDigests, payloadOffset, payloadBytes: entry.header.payloadBytes };
 }
 
 /** The key of an entry: a hash of what makes two entries interchangeable. */
@@ -88,49 +129,71 @@ function payloadOffsetFor(headerBytes: number): number {
   return Math.ceil((PREAMBLE_BYTES + headerBytes) / PAYLOAD_ALIGNMENT) * PAYLOAD_ALIGNMENT;
 }
 
-/** Encodes everything before the payload: preamble, header JSON, padding. */
-function encodeHead(header: EntryHeader): Buffer {
-  const json = Buffer.from(JSON.stringify(header), 'utf8');
+function chunkCount(checkedLength: number, chunkBytes: number): number {
+  return Math.ceil(checkedLength / chunkBytes);
+}
+
+export interface WriteEntryOptions {
+  /** The chunk size of the digests; CHECKSUM_CHUNK_BYTES unless a test needs many small chunks. */
+  chunkBytes?: number;
+}
+
+/** The parts of an entry file in order: head (preamble, header, padding), payload, tail. */
+async function encodeParts(header: EntryHeader, payload: Uint8Array, options: WriteEntryOptions): Promise<[Buffer, Uint8Array, Buffer]> {
+  if (header.payloadBytes !== payload.byteLength) throw new RangeError('payloadBytes must equal the payload length');
+  const chunkBytes = options.chunkBytes ?? CHECKSUM_CHUNK_BYTES;
+  if (!isValidChunkSize(chunkBytes)) throw new RangeError(`chunkBytes must be a power of two from ${MIN_CHUNK_BYTES} to ${MAX_CHUNK_BYTES}`);
+  const json = Buffer.from(JSON.stringify({ ...header, checksumChunkBytes: chunkBytes }), 'utf8');
   const head = Buffer.alloc(payloadOffsetFor(json.length));
   ENTRY_MAGIC.copy(head, 0);
   head.writeUInt32LE(ENTRY_VERSION, 8);
   head.writeUInt32LE(json.length, 12);
   json.copy(head, PREAMBLE_BYTES);
-  return head;
+  const digests = await native().chunkChecksums([head, payload], chunkBytes);
+  const tail = Buffer.alloc(digests.length + TRAILER_BYTES);
+  digests.copy(tail, 0);
+  tail.writeBigUInt64LE(await native().checksum([digests]), digests.length);
+  ENTRY_TRAILER.copy(tail, digests.length + DIGEST_BYTES);
+  return [head, payload, tail];
 }
 
-async function encodeTrailer(head: Uint8Array, payload: Uint8Array): Promise<Buffer> {
-  const trailer = Buffer.alloc(TRAILER_BYTES);
-  trailer.writeBigUInt64LE(await native().checksum([head, payload]), 0);
-  ENTRY_TRAILER.copy(trailer, 8);
-  return trailer;
+function isValidChunkSize(bytes: unknown): bytes is number {
+  return Number.isInteger(bytes) && (bytes as number) >= MIN_CHUNK_BYTES && (bytes as number) <= MAX_CHUNK_BYTES && ((bytes as number) & ((bytes as number) - 1)) === 0;
 }
 
 /** The complete entry as one buffer (for remote stores). */
-export async function encodeEntry(header: EntryHeader, payload: Uint8Array): Promise<Buffer> {
-  const head = encodeHead(header);
-  return Buffer.concat([head, payload, await encodeTrailer(head, payload)]);
+export async function encodeEntry(header: EntryHeader, payload: Uint8Array, options: WriteEntryOptions = {}): Promise<Buffer> {
+  return Buffer.concat(await encodeParts(header, payload, options));
 }
 
 /** Writes an entry file atomically: readers in any process see all of it or none of it. */
-export async function writeEntry(file: string, header: EntryHeader, payload: Uint8Array): Promise<number> {
-  if (header.payloadBytes !== payload.byteLength) throw new RangeError('payloadBytes must equal the payload length');
-  const head = encodeHead(header);
-  const trailer = await encodeTrailer(head, payload);
+export async function writeEntry(file: string, header: EntryHeader, payload: Uint8Array, options: WriteEntryOptions = {}): Promise<number> {
+  const [head, , tail] = await encodeParts(header, payload, options);
   await writeFileAtomic(file, async (handle) => {
     await writeFully(handle, head, 0);
     await writeFully(handle, payload, head.length);
-    await writeFully(handle, trailer, head.length + payload.byteLength);
+    await writeFully(handle, tail, head.length + payload.byteLength);
   });
-  return head.length + payload.byteLength + trailer.length;
+  return head.length + payload.byteLength + tail.length;
 }
 
-/** Parses the parts of an entry, given its first bytes (at least the header) and its last 16 bytes. */
-function parseEntry(source: string, start: Buffer, tail: Buffer, fileSize: number): EntryFile {
-  if (fileSize < PREAMBLE_BYTES + TRAILER_BYTES) throw corrupt(source, `only ${fileSize} bytes long`);
+/** What the head of an entry (preamble and header) says about the rest of the file. */
+interface EntryLayoutFacts {
+  version: number;
+  header: EntryHeader;
+  payloadOffset: number;
+  checkedLength: number;
+  chunkBytes: number;
+  /** Bytes after the checked range: digests (format 2) and trailer. */
+  tailBytes: number;
+}
+
+/** Parses the preamble and header, given the file's first bytes (at least the header). */
+function parseHead(source: string, start: Buffer, fileSize: number): EntryLayoutFacts {
+  if (fileSize < PREAMBLE_BYTES + TRAILER_BYTES || start.length < PREAMBLE_BYTES) throw corrupt(source, `only ${fileSize} bytes long`);
   if (!start.subarray(0, 8).equals(ENTRY_MAGIC)) throw corrupt(source, 'it does not start with the kvstash magic');
   const version = start.readUInt32LE(8);
-  if (version !== ENTRY_VERSION) throw corrupt(source, `format version ${version}, this kvstash reads version ${ENTRY_VERSION}`);
+  if (version !== 1 && version !== ENTRY_VERSION) throw corrupt(source, `format version ${version}, this kvstash reads versions 1 and ${ENTRY_VERSION}`);
   const headerBytes = start.readUInt32LE(12);
   if (headerBytes > MAX_HEADER_BYTES || PREAMBLE_BYTES + headerBytes > fileSize) throw corrupt(source, 'its header length runs past the file');
   let header: EntryHeader;
@@ -143,11 +206,31 @@ function parseEntry(source: string, start: Buffer, tail: Buffer, fileSize: numbe
   if (problem) throw corrupt(source, problem);
   const payloadOffset = payloadOffsetFor(headerBytes);
   const checkedLength = payloadOffset + header.payloadBytes;
-  if (checkedLength + TRAILER_BYTES !== fileSize) {
-    throw corrupt(source, `it is ${fileSize} bytes long but its header describes ${checkedLength + TRAILER_BYTES} (truncated or extended)`);
+  let chunkBytes = checkedLength;
+  let tailBytes = TRAILER_BYTES;
+  if (version === 2) {
+    if (!isValidChunkSize(header.checksumChunkBytes)) throw corrupt(source, 'its checksum chunk size is not a power of two from 4 KiB to 1 GiB');
+    chunkBytes = header.checksumChunkBytes;
+    tailBytes = DIGEST_BYTES * chunkCount(checkedLength, chunkBytes) + TRAILER_BYTES;
   }
-  if (!tail.subarray(8, 16).equals(ENTRY_TRAILER)) throw corrupt(source, 'the trailer magic is missing');
-  return { header, key: entryKey(header), payloadOffset, checkedLength, checksum: tail.readBigUInt64LE(0), fileSize };
+  if (checkedLength + tailBytes !== fileSize) {
+    throw corrupt(source, `it is ${fileSize} bytes long but its header describes ${checkedLength + tailBytes} (truncated or extended)`);
+  }
+  return { version, header, payloadOffset, checkedLength, chunkBytes, tailBytes };
+}
+
+/** Completes the parse with the file's last `facts.tailBytes` bytes; checks the digest table's own checksum. */
+async function parseTail(source: string, facts: EntryLayoutFacts, tail: Buffer): Promise<EntryFile> {
+  const digestBytes = facts.tailBytes - TRAILER_BYTES;
+  if (!tail.subarray(digestBytes + DIGEST_BYTES).equals(ENTRY_TRAILER)) throw corrupt(source, 'the trailer magic is missing');
+  const checksum = tail.readBigUInt64LE(digestBytes);
+  // Copied: the digests outlive the buffer they were read into (which may be a whole entry).
+  const chunkDigests = Buffer.from(facts.version === 1 ? tail.subarray(0, DIGEST_BYTES) : tail.subarray(0, digestBytes));
+  if (facts.version === 2 && (await native().checksum([chunkDigests])) !== checksum) {
+    throw corrupt(source, 'its checksum does not match its chunk digests');
+  }
+  const { version, header, payloadOffset, checkedLength, chunkBytes } = facts;
+  return { header, key: entryKey(header), version, payloadOffset, checkedLength, chunkBytes, chunkDigests, checksum, fileSize: checkedLength + facts.tailBytes };
 }
 
 function headerProblem(h: EntryHeader): string | null {
@@ -162,7 +245,7 @@ function headerProblem(h: EntryHeader): string | null {
   return null;
 }
 
-/** Reads and checks an entry file's structure (not its checksum: that needs every byte). */
+/** Reads and checks an entry file's structure and digest table (not the chunks: that needs every byte). */
 export async function readEntryFile(file: string): Promise<EntryFile> {
   let handle: fsp.FileHandle;
   try {
@@ -182,20 +265,21 @@ export async function readEntryFile(file: string): Promise<EntryFile> {
         await handle.read(start, 0, need, 0);
       }
     }
-    const tail = Buffer.alloc(TRAILER_BYTES);
-    if (size >= TRAILER_BYTES) await handle.read(tail, 0, TRAILER_BYTES, size - TRAILER_BYTES);
-    return parseEntry(file, start, tail, size);
+    const facts = parseHead(file, start, size);
+    const tail = Buffer.alloc(facts.tailBytes);
+    await handle.read(tail, 0, tail.length, size - tail.length);
+    return await parseTail(file, facts, tail);
   } finally {
     await handle.close();
   }
 }
 
-/** Parses a whole entry held in memory and verifies its checksum; returns the payload view. */
+/** Parses a whole entry held in memory and verifies every chunk; returns the payload view. */
 export async function decodeEntry(source: string, bytes: Buffer): Promise<{ entry: EntryFile; payload: Buffer }> {
-  const tail = bytes.length >= TRAILER_BYTES ? bytes.subarray(bytes.length - TRAILER_BYTES) : Buffer.alloc(TRAILER_BYTES);
-  const entry = parseEntry(source, bytes, tail, bytes.length);
-  const actual = await native().checksum([bytes.subarray(0, entry.checkedLength)]);
-  if (actual !== entry.checksum) throw corrupt(source, 'its checksum does not match its bytes');
+  const facts = parseHead(source, bytes, bytes.length);
+  const entry = await parseTail(source, facts, bytes.subarray(bytes.length - facts.tailBytes));
+  const actual = await native().chunkChecksums([bytes.subarray(0, entry.checkedLength)], entry.chunkBytes);
+  if (!actual.equals(entry.chunkDigests)) throw corrupt(source, 'its checksum does not match its bytes');
   return { entry, payload: bytes.subarray(entry.payloadOffset, entry.checkedLength) };
 }
 

@@ -13,7 +13,7 @@ import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import type { Context } from '../llama/context.js';
 import { requireInteger, toInt32Array } from '../util/validate.js';
 import { userCacheDir } from '../util/paths.js';
-import { decodeEntry, encodeEntry, entryKey, readVerifiedEntry, type EntryFile, type EntryHeader } from './entry.js';
+import { decodeEntry, encodeEntry, entryKey, readVerifiedEntry, verifiedRanges, type EntryFile, type EntryHeader } from './entry.js';
 import { contextIdentity, mismatchReason, type EntryIdentity } from './identity.js';
 import { DirectoryStore, type CacheStore } from './store.js';
 
@@ -310,7 +310,7 @@ export class PromptCache extends EventEmitter {
     return { ok, corrupt };
   }
 
-  /** Waits for background disk and store writes. */
+  /** Waits for background work: disk and store writes, promotions of disk hits to RAM. */
   async flush(): Promise<void> {
     while (this.pendingWrites.size > 0) await Promise.all([...this.pendingWrites]);
   }
@@ -361,7 +361,7 @@ export class PromptCache extends EventEmitter {
       out.push({ tier: 'ram', key, ram: item, length: Math.min(limit, commonPrefix(item.header.tokens, prompt)), entryTokens: item.header.tokenCount });
     }
     if (this.disk) {
-      for (const { name, entry } of await this.scanDisk()) {
+      for (const { name, entry } of await this.scanDisk({ reuse: true })) {
         if (entry instanceof Error) {
           this.reportOnce(name, { code: (entry as KvstashError).code ?? 'E_CACHE_CORRUPT', message: entry.message, path: path.join(this.disk.dir, name) });
           continue;
@@ -412,17 +412,13 @@ export class PromptCache extends EventEmitter {
       }
       case 'disk': {
         const { path: file, entry } = candidate.file!;
-        // Promote to RAM, so the next restore of this prefix skips the disk: the import hands back
-        // the payload it verified, which costs neither a second read nor a copy.
-        const keepPayload = entry.header.payloadBytes <= this.maxRamBytes;
         await context.exclusive(() => memory.remove(sequence));
-        const payload = await context.importVerifiedFile(
-          file,
-          { checkedLength: entry.checkedLength, checksum: entry.checksum, payloadOffset: entry.payloadOffset, payloadBytes: entry.header.payloadBytes },
-          { sequence, keepPayload },
-        );
+        await context.importVerifiedFile(file, verifiedRanges(entry), { sequence });
         void this.disk!.touch(entry.key);
-        if (payload) this.putRam(entry.key, entry.header, payload);
+        // Promoted to RAM in the background, so the next restore of this prefix skips the disk. Not
+        // inside the restore: llama.cpp imports straight from the mapped file, and a copy of the
+        // payload would cost as much again.
+        if (entry.header.payloadBytes <= this.maxRamBytes) this.track(this.promote(file, entry.key));
         break;
       }
       case 'store': {
@@ -444,6 +440,16 @@ export class PromptCache extends EventEmitter {
     await context.exclusive(() => {
       if (memory.range(sequence).max !== candidate.length - 1) memory.remove(sequence, candidate.length);
     });
+  }
+
+  /** Reads a disk entry into the RAM tier (verified again: its bytes come from the file anew). */
+  private async promote(file: string, key: string): Promise<void> {
+    try {
+      const { entry, payload } = await readVerifiedEntry(file);
+      if (entry.key === key && !this.ram.has(key)) this.putRam(key, entry.header, payload);
+    } catch (err) {
+      this.problem({ code: (err as KvstashError).code ?? 'E_CACHE_CORRUPT', message: `could not promote cache entry ${key} to RAM: ${(err as Error).message}`, key });
+    }
   }
 
   private async persist(key: string, header: EntryHeader, payload: Buffer): Promise<void> {
@@ -487,8 +493,8 @@ export class PromptCache extends EventEmitter {
     await this.scanDisk();
   }
 
-  private async scanDisk() {
-    const files = await this.disk!.scan();
+  private async scanDisk(options: { reuse?: boolean } = {}) {
+    const files = await this.disk!.scan(options);
     let bytes = 0;
     let tokens = 0;
     let entries = 0;

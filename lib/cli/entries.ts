@@ -84,8 +84,12 @@ export interface InspectReport {
   header: EntryHeader;
   /** Where the state bytes start in the file. Unit: bytes. */
   payloadOffset: number;
-  /** The XXH64 stored in the file, hex. */
+  /** The entry format version of the file (lib/cache/entry.ts). */
+  formatVersion: number;
+  /** The entry's checksum stored in the file, hex: format 2, the XXH64 of its chunk digests. */
   checksum: string;
+  /** How many separately hashed chunks the checked bytes form (format 1: one). */
+  chunks: number;
   /** Every byte read and checked against the checksum. */
   check: { ok: true } | { ok: false; message: string };
   /** With --model: whether that model made the entry, and the start of its text. */
@@ -106,7 +110,9 @@ async function runInspect(flags: Flags<typeof INSPECT_FLAGS>, _io: CommandIo, [r
     key: entry.key,
     header: entry.header,
     payloadOffset: entry.payloadOffset,
+    formatVersion: entry.version,
     checksum: entry.checksum.toString(16).padStart(16, '0'),
+    chunks: entry.chunkDigests.length / 8,
     check,
   };
   if (flags.model !== undefined) report.text = await entryText(path.resolve(flags.model), entry);
@@ -170,7 +176,7 @@ function printInspect(r: InspectReport): void {
         : 'not shown: --model is not the model that made this entry (its fingerprint differs)',
     ]);
   }
-  rows.push(['Check', r.check.ok ? `checksum ok (XXH64 ${r.checksum}, every byte read)` : `FAILED: ${r.check.message}`]);
+  rows.push(['Check', r.check.ok ? `checksum ok (format ${r.formatVersion}, XXH64 ${r.checksum}, ${r.chunks} chunk${r.chunks === 1 ? '' : 's'} checked, every byte read)` : `FAILED: ${r.check.message}`]);
   process.stdout.write(`${fields(rows)}\n`);
 }
 

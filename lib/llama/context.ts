@@ -199,27 +199,27 @@ export class Context {
   }
 
   /**
-   * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies their XXH64
-   * against `checksum`, and imports [payloadOffset, payloadOffset + payloadBytes) as state. Not a
-   * byte reaches llama.cpp unless the whole range verified. With `keepPayload`, resolves with the
-   * verified payload bytes (for the RAM tier: no second read, no copy); otherwise with undefined.
+   * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies each chunk of
+   * `chunkBytes` against its XXH64 in `chunkDigests` (the entry format's digest table), and imports
+   * [payloadOffset, payloadOffset + payloadBytes) as state. llama.cpp reads no byte before it is
+   * verified, and the import fails (the sequence emptied) when any chunk does.
    */
   importVerifiedFile(
     file: string,
-    ranges: { checkedLength: number; checksum: bigint; payloadOffset: number; payloadBytes: number },
-    options: SequenceOptions & { keepPayload?: boolean } = {},
-  ): Promise<Buffer | undefined> {
+    ranges: { checkedLength: number; chunkBytes: number; chunkDigests: Uint8Array; payloadOffset: number; payloadBytes: number },
+    options: SequenceOptions = {},
+  ): Promise<void> {
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
       try {
-        return await this.handle.importVerifiedStateFile(
+        await this.handle.importVerifiedStateFile(
           file,
           sequence,
           ranges.checkedLength,
-          ranges.checksum,
+          ranges.chunkBytes,
+          ranges.chunkDigests,
           ranges.payloadOffset,
           ranges.payloadBytes,
-          options.keepPayload ?? false,
         );
       } catch (err) {
         this.clearAfterFailedLoad(sequence);

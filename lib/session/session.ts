@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { readEntryFile, writeEntry, entryKey, type EntryHeader } from '../cache/entry.js';
+import { readEntryFile, writeEntry, entryKey, verifiedRanges, type EntryHeader } from '../cache/entry.js';
 import { contextIdentity, mismatchReason } from '../cache/identity.js';
 import { PromptCache, commonPrefix } from '../cache/prompt-cache.js';
 import { KvstashError } from '../errors.js';
@@ -447,7 +447,7 @@ export class Session {
         if (commonPrefix(entry.header.tokens, target) !== entry.header.tokenCount) throw new Error('its tokens are not a prefix of the transcript');
         await this.context.importVerifiedFile(
           file,
-          { checkedLength: entry.checkedLength, checksum: entry.checksum, payloadOffset: entry.payloadOffset, payloadBytes: entry.header.payloadBytes },
+          verifiedRanges(entry),
           { sequence: this.sequence },
         );
         this.held = Int32Array.from(entry.header.tokens);

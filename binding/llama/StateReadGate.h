@@ -1,0 +1,73 @@
+// Reads, verifies and hands state bytes to llama.cpp in one pipeline, and holds llama.cpp back from
+// any byte not yet verified.
+//
+// Reading an entry, checking every chunk and then calling llama_state_seq_set_data costs three
+// passes over 25 MB, one after the other. kvstash's edit of llama.cpp (scripts/fetch-llama.js)
+// makes its state reader ask kvstash_state_read_gate() before it reads or copies any range; a
+// StateReadGate answers for the imports on its thread. A thread of its own reads the file chunk by
+// chunk into the import buffer and checks each chunk there, from the front, while llama.cpp
+// imports the chunks already checked. A range whose chunks nobody has started on is read and
+// checked on the spot, on llama.cpp's thread; a chunk the other thread is working on is waited for
+// (microseconds). The on-the-spot work matters because llama.cpp first reads small fields spread
+// over the whole state (each layer's type and row size) and copies the bulk only afterwards.
+//
+// What is hashed is the buffer llama.cpp reads, after the copy from the file: a file changed
+// meanwhile cannot slip bytes past the check. A chunk that fails stops llama.cpp before it reads a
+// byte of it (the import fails); the caller clears what the import had added.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern "C" bool kvstash_state_read_gate(const void* data, size_t size);
+
+namespace kvstash {
+
+class StateReadGate {
+ public:
+  // Starts reading bytes [0, length) of `fd` into `buffer` and checking them in chunks of
+  // `chunkBytes` against `digests` (8 bytes, little-endian, per chunk, chunk i hashed with seed i:
+  // the entry format's digest table), and becomes the gate of the calling thread's state reads
+  // until it is destroyed.
+  StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests);
+  ~StateReadGate();
+  StateReadGate(const StateReadGate&) = delete;
+  StateReadGate& operator=(const StateReadGate&) = delete;
+
+  // Reads and checks what is left (helping the other thread) and waits for the rest; true when
+  // every chunk was read and matched its digest.
+  bool AllVerified();
+  // Returns once [data, data + size) is verified; false when a chunk it covers failed. Bytes
+  // outside the buffer are not this gate's: they pass.
+  bool Admit(const uint8_t* data, size_t size);
+  // Whether llama.cpp asked the gate at all (a tree without kvstash's edit never does).
+  bool Consulted() const { return consulted_; }
+  // Why a chunk failed: empty for a checksum mismatch, else the read error.
+  std::string ReadError() const;
+
+ private:
+  enum State : uint8_t { kUnchecked, kChecking, kVerified, kFailed };
+  // Makes chunk `index` verified or failed (reading and checking it here, or waiting for the
+  // thread that does); true when it is verified.
+  bool Resolve(uint64_t index);
+  // Reads chunks [first, first + count), claimed by the caller, and marks each verified or failed.
+  void ReadAndCheck(uint64_t first, uint64_t count);
+
+  int fd_;
+  uint8_t* buffer_;
+  uint64_t length_, chunkBytes_, chunks_;
+  const std::vector<uint8_t>& digests_;
+  std::unique_ptr<std::atomic<uint8_t>[]> states_;
+  std::atomic<bool> failed_{false}, stop_{false};
+  std::atomic<int> readErrno_{0};  // 0: none; -1: the file ended early
+  bool consulted_ = false;         // only the importing thread touches it
+  StateReadGate* previous_;
+  std::thread reader_;
+};
+
+}  // namespace kvstash
