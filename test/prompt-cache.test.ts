@@ -276,6 +276,32 @@ t.test('every chunk of an entry is verified before it loads; entries of format 1
   await context.dispose();
 });
 
+t.test('a cache sees entries another process adds or removes after its directory listing settled', async (t) => {
+  const dir = t.testdir();
+  const reader = new PromptCache({ dir, maxRamBytes: 0 });
+  const writer = new PromptCache({ dir, maxRamBytes: 0 });
+  const problems: unknown[] = [];
+  reader.on('problem', (p) => problems.push(p));
+  const context = await model.createContext({ contextSize: 1024 });
+  const restore = async () => {
+    await context.exclusive(() => context.memory.clear());
+    return reader.restore(context, prompt);
+  };
+  await writer.warm(context, prefix.subarray(0, 100));
+  await writer.flush();
+  // Well after the directory last changed: an unchanged directory mtime now proves no change.
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  t.match(await restore(), { tier: 'disk', cachedTokens: 100 });
+  t.match(await restore(), { tier: 'disk', cachedTokens: 100 }, 'again, from the listing it kept');
+  await writer.warm(context, prefix.subarray(0, 250));
+  await writer.flush();
+  t.match(await restore(), { tier: 'disk', cachedTokens: 250 }, 'the longer entry written since is found');
+  for (const name of fs.readdirSync(dir)) fs.rmSync(path.join(dir, name));
+  t.match(await restore(), { tier: null, cachedTokens: 0 }, 'removed entries are not tried');
+  t.same(problems, [], 'nothing stale was opened');
+  await context.dispose();
+});
+
 t.test('a writer killed with SIGKILL mid-write leaves no entry that loads wrong', { skip: skipUnderEmulation('atomic writes are JS, proven natively') }, async (t) => {
   const dir = t.testdir();
   const script = `
