@@ -36,8 +36,7 @@ function buildVariants(arch) {
   const variants = CPU_VARIANTS[arch];
   const toolchain = TOOLCHAINS[arch];
   if (!variants || !toolchain) throw new Error(`no prebuilt CPU variants are defined for ${arch}`);
-  const native = toolchain.host === process.arch && arch === process.arch;
-  if (!native && toolchain.host !== process.arch) {
+  if (toolchain.host !== process.arch) {
     throw new Error(`${arch} prebuilds are built on an ${toolchain.host} host, this is ${process.arch}`);
   }
   const release = path.resolve('build', 'Release');

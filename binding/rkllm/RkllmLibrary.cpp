@@ -20,21 +20,33 @@ const char* const kFixHint =
 const char* NullIfAbsent(const std::optional<std::string>& s) { return s ? s->c_str() : nullptr; }
 std::optional<std::string> OptionalString(const char* s) { return s ? std::optional<std::string>(s) : std::nullopt; }
 
+// RKLLMParam and RKLLMSamplingParam name their sampling fields alike.
+template <typename AbiSampling>
+RkllmSampling ReadSamplingFields(const AbiSampling& p) {
+  return RkllmSampling{p.top_k,    p.top_p,    p.temperature,  p.repeat_penalty, p.frequency_penalty,
+                       p.presence_penalty, p.mirostat, p.mirostat_tau, p.mirostat_eta};
+}
+
+template <typename AbiSampling>
+void WriteSamplingFields(const RkllmSampling& in, AbiSampling& p) {
+  p.top_k = in.topK;
+  p.top_p = in.topP;
+  p.temperature = in.temperature;
+  p.repeat_penalty = in.repeatPenalty;
+  p.frequency_penalty = in.frequencyPenalty;
+  p.presence_penalty = in.presencePenalty;
+  p.mirostat = in.mirostat;
+  p.mirostat_tau = in.mirostatTau;
+  p.mirostat_eta = in.mirostatEta;
+}
+
 template <typename AbiParam>
 void ReadCommonParams(const AbiParam& p, RkllmParams& out) {
   out.modelPath = p.model_path ? p.model_path : "";
   out.maxContextLen = p.max_context_len;
   out.maxNewTokens = p.max_new_tokens;
-  out.topK = p.top_k;
   out.nKeep = p.n_keep;
-  out.topP = p.top_p;
-  out.temperature = p.temperature;
-  out.repeatPenalty = p.repeat_penalty;
-  out.frequencyPenalty = p.frequency_penalty;
-  out.presencePenalty = p.presence_penalty;
-  out.mirostat = p.mirostat;
-  out.mirostatTau = p.mirostat_tau;
-  out.mirostatEta = p.mirostat_eta;
+  out.sampling = ReadSamplingFields(p);
   out.skipSpecialToken = p.skip_special_token;
   out.isAsync = p.is_async;
   out.baseDomainId = p.extend_param.base_domain_id;
@@ -52,16 +64,8 @@ void WriteCommonParams(const RkllmParams& in, AbiParam& p) {
   p.model_path = in.modelPath.c_str();
   p.max_context_len = in.maxContextLen;
   p.max_new_tokens = in.maxNewTokens;
-  p.top_k = in.topK;
   p.n_keep = in.nKeep;
-  p.top_p = in.topP;
-  p.temperature = in.temperature;
-  p.repeat_penalty = in.repeatPenalty;
-  p.frequency_penalty = in.frequencyPenalty;
-  p.presence_penalty = in.presencePenalty;
-  p.mirostat = in.mirostat;
-  p.mirostat_tau = in.mirostatTau;
-  p.mirostat_eta = in.mirostatEta;
+  WriteSamplingFields(in.sampling, p);
   p.skip_special_token = in.skipSpecialToken;
   p.is_async = in.isAsync;
   p.extend_param.base_domain_id = in.baseDomainId;
@@ -203,9 +207,7 @@ int RkllmLibrary::Run(LLMHandle handle, RkllmRunRequest& request, void* userdata
     infer.lora_params = request.loraName ? &lora : nullptr;
     infer.prompt_cache_params = request.savePromptCachePath ? &cache : nullptr;
     if (request.sampling) {
-      const RkllmSampling& s = *request.sampling;
-      sampling = v130::RKLLMSamplingParam{s.topK,         s.topP,     s.temperature, s.repeatPenalty, s.frequencyPenalty,
-                                          s.presencePenalty, s.mirostat, s.mirostatTau, s.mirostatEta};
+      WriteSamplingFields(*request.sampling, sampling);
       infer.sampling_params = &sampling;
     }
     infer.keep_history = request.keepHistory ? 1 : 0;

@@ -19,14 +19,10 @@ enum class RkllmVersion { V130, V121 };
 std::optional<RkllmVersion> ParseRkllmVersion(const std::string& text);
 const char* RkllmVersionName(RkllmVersion version);
 
-// Every RKLLMParam and RKLLMExtendParam field, in whichever version has it. Fields a version does
-// not have are ignored when building its struct (the JS layer refuses to set them).
-struct RkllmParams {
-  std::string modelPath;
-  int32_t maxContextLen = 0;
-  int32_t maxNewTokens = 0;
+// The sampling fields: RKLLMParam holds them at init (both versions), RKLLMSamplingParam per run
+// (1.3.0 only).
+struct RkllmSampling {
   int32_t topK = 0;
-  int32_t nKeep = 0;
   float topP = 0;
   float temperature = 0;
   float repeatPenalty = 0;
@@ -35,6 +31,16 @@ struct RkllmParams {
   int32_t mirostat = 0;
   float mirostatTau = 0;
   float mirostatEta = 0;
+};
+
+// Every RKLLMParam and RKLLMExtendParam field, in whichever version has it. Fields a version does
+// not have are ignored when building its struct (the JS layer refuses to set them).
+struct RkllmParams {
+  std::string modelPath;
+  int32_t maxContextLen = 0;
+  int32_t maxNewTokens = 0;
+  int32_t nKeep = 0;
+  RkllmSampling sampling;
   bool skipSpecialToken = false;
   bool ignoreEosToken = false;  // 1.3.0 only
   bool isAsync = false;
@@ -47,18 +53,6 @@ struct RkllmParams {
   bool useCrossAttn = false;
 };
 
-// Per-run sampling (RKLLMSamplingParam, 1.3.0 only).
-struct RkllmSampling {
-  int32_t topK = 0;
-  float topP = 0;
-  float temperature = 0;
-  float repeatPenalty = 0;
-  float frequencyPenalty = 0;
-  float presencePenalty = 0;
-  int32_t mirostat = 0;
-  float mirostatTau = 0;
-  float mirostatEta = 0;
-};
 
 // One rkllm_run call, with every string and array owned here so the worker thread needs nothing else.
 struct RkllmRunRequest {

@@ -106,16 +106,16 @@ Napi::Object ParamsToJs(Napi::Env env, const RkllmParams& p, RkllmVersion versio
   o.Set("modelPath", p.modelPath);
   o.Set("maxContextLen", p.maxContextLen);
   o.Set("maxNewTokens", p.maxNewTokens);
-  o.Set("topK", p.topK);
+  o.Set("topK", p.sampling.topK);
   o.Set("nKeep", p.nKeep);
-  o.Set("topP", p.topP);
-  o.Set("temperature", p.temperature);
-  o.Set("repeatPenalty", p.repeatPenalty);
-  o.Set("frequencyPenalty", p.frequencyPenalty);
-  o.Set("presencePenalty", p.presencePenalty);
-  o.Set("mirostat", p.mirostat);
-  o.Set("mirostatTau", p.mirostatTau);
-  o.Set("mirostatEta", p.mirostatEta);
+  o.Set("topP", p.sampling.topP);
+  o.Set("temperature", p.sampling.temperature);
+  o.Set("repeatPenalty", p.sampling.repeatPenalty);
+  o.Set("frequencyPenalty", p.sampling.frequencyPenalty);
+  o.Set("presencePenalty", p.sampling.presencePenalty);
+  o.Set("mirostat", p.sampling.mirostat);
+  o.Set("mirostatTau", p.sampling.mirostatTau);
+  o.Set("mirostatEta", p.sampling.mirostatEta);
   o.Set("skipSpecialToken", p.skipSpecialToken);
   if (version == RkllmVersion::V130) o.Set("ignoreEosToken", p.ignoreEosToken);
   o.Set("isAsync", p.isAsync);
@@ -134,8 +134,7 @@ Napi::Object ParamsToJs(Napi::Env env, const RkllmParams& p, RkllmVersion versio
 }
 
 // Sampling fields shared by init params and per-run sampling, with one set of limits.
-template <typename T>
-void ReadSampling(const Fields& f, T& s) {
+void ReadSampling(const Fields& f, RkllmSampling& s) {
   f.Int("topK", s.topK, 0, kInt32Max);
   f.Float("topP", s.topP, 0, 1);
   f.Float("temperature", s.temperature, 0, kFloatLimit);
@@ -735,7 +734,7 @@ Napi::Value RkllmRuntime::Init(const Napi::CallbackInfo& info) {
   f.Int("maxContextLen", p.maxContextLen, 1, kInt32Max);
   f.Int("maxNewTokens", p.maxNewTokens, -1, kInt32Max);
   f.Int("nKeep", p.nKeep, -1, kInt32Max);
-  ReadSampling(f, p);
+  ReadSampling(f, p.sampling);
   f.Bool("skipSpecialToken", p.skipSpecialToken);
   f.Bool("ignoreEosToken", p.ignoreEosToken);
   f.Bool("isAsync", p.isAsync);
@@ -837,9 +836,7 @@ Napi::Value RkllmRuntime::Run(const Napi::CallbackInfo& info) {
     Fields s(RequireObject(env, options.Get("sampling"), "rkllm run: sampling"), "rkllm run: sampling");
     s.OnlyKnown(kSamplingKeys);
     // Fields left out keep the values given at init.
-    RkllmSampling sampling{params_.topK,            params_.topP,     params_.temperature, params_.repeatPenalty,
-                           params_.frequencyPenalty, params_.presencePenalty, params_.mirostat, params_.mirostatTau,
-                           params_.mirostatEta};
+    RkllmSampling sampling = params_.sampling;
     ReadSampling(s, sampling);
     request.sampling = sampling;
   }
