@@ -42,59 +42,41 @@ const EDITS = [
     replace: 'neq1 >= Q_TILE_SZ / 2); // kvstash: tiled from 32 query rows (scripts/fetch-llama.js)',
   },
   {
-    // A verified restore checks every 1 MiB chunk of an entry against its digest before llama.cpp
-    // reads it. Checking all of it first and then importing reads the bytes twice, one pass after
-    // the other; with this gate llama.cpp imports chunk k while kvstash checks chunk k+1 on another
-    // core, and waits when it catches up. llama_io_read_host is the reader behind
-    // llama_state_set_data and llama_state_seq_set_data (host memory): every byte it hands on goes
-    // through read() or through the tensor copies flushed in its destructor, so the gate sits in
-    // those two places. The function is declared weak: llama.cpp built without kvstash has no
-    // gate and reads as before. kvstash's definition is binding/llama/StateReadGate.cpp.
+    // A verified restore checks every 64 KiB chunk of an entry against its digest before llama.cpp
+    // reads it. Reading, checking and then importing are three passes one after the other; with
+    // this gate llama.cpp imports the chunks already checked while kvstash reads and checks the
+    // next ones on another thread (binding/llama/StateReadGate.h). llama_io_read_host is the
+    // reader behind llama_state_set_data and llama_state_seq_set_data (host memory): every byte it
+    // hands on goes through read() or through the tensor copies flushed in its destructor, so the
+    // gate sits in those two places (this edit declares it; the next two call it). It is declared
+    // weak: llama.cpp built without kvstash has no gate and reads as before. kvstash's definition
+    // is binding/llama/StateReadGate.cpp.
     file: 'src/llama-context.cpp',
-    find: [
+    find: 'class llama_io_read_host : public llama_io_read_i {',
+    replace:
+      '// kvstash: may llama.cpp read these state bytes yet? Waits until they are verified; false when\n' +
+      '// they failed (scripts/fetch-llama.js).\n' +
+      'extern "C" bool kvstash_state_read_gate(const void * data, size_t size) __attribute__((weak));\n\n' +
       'class llama_io_read_host : public llama_io_read_i {',
-      'public:',
-      '    llama_io_read_host(const uint8_t * p, size_t len) : ptr(p), buf_size(len) {}',
-      '',
-      '    ~llama_io_read_host() {',
-      '        // flush the reads',
-      '        for (const auto & rinfo : rinfos) {',
+  },
+  {
+    // The gate, before the tensor copies the reader defers to its destructor (which must not throw:
+    // it stops copying, and the import is failed by kvstash).
+    file: 'src/llama-context.cpp',
+    find: 'ggml_backend_tensor_set(rinfo.tensor, rinfo.ptr, rinfo.offset, rinfo.size);',
+    replace:
+      'if (kvstash_state_read_gate && !kvstash_state_read_gate(rinfo.ptr, rinfo.size)) break; // kvstash\n' +
       '            ggml_backend_tensor_set(rinfo.tensor, rinfo.ptr, rinfo.offset, rinfo.size);',
-      '        }',
-      '    }',
-      '',
-      '    void read(void * dst, size_t size) override {',
-      '        if (size > buf_size) {',
-      '            throw std::runtime_error("unexpectedly reached end of buffer");',
-      '        }',
+  },
+  {
+    // The gate, before read() copies fields out (the first memcpy after the class line: the
+    // device reader below has the same line).
+    file: 'src/llama-context.cpp',
+    after: 'class llama_io_read_host : public llama_io_read_i {',
+    find: 'memcpy(dst, ptr, size);',
+    replace:
+      'if (kvstash_state_read_gate && !kvstash_state_read_gate(ptr, size)) throw std::runtime_error("kvstash: the state bytes failed verification"); // kvstash\n' +
       '        memcpy(dst, ptr, size);',
-    ].join('\n'),
-    replace: [
-      '// kvstash: may llama.cpp read these state bytes yet? Waits until they are verified; false when',
-      '// they failed (scripts/fetch-llama.js).',
-      'extern "C" bool kvstash_state_read_gate(const void * data, size_t size) __attribute__((weak));',
-      '',
-      'class llama_io_read_host : public llama_io_read_i {',
-      'public:',
-      '    llama_io_read_host(const uint8_t * p, size_t len) : ptr(p), buf_size(len) {}',
-      '',
-      '    ~llama_io_read_host() {',
-      '        // flush the reads',
-      '        for (const auto & rinfo : rinfos) {',
-      '            if (kvstash_state_read_gate && !kvstash_state_read_gate(rinfo.ptr, rinfo.size)) break; // kvstash',
-      '            ggml_backend_tensor_set(rinfo.tensor, rinfo.ptr, rinfo.offset, rinfo.size);',
-      '        }',
-      '    }',
-      '',
-      '    void read(void * dst, size_t size) override {',
-      '        if (size > buf_size) {',
-      '            throw std::runtime_error("unexpectedly reached end of buffer");',
-      '        }',
-      '        if (kvstash_state_read_gate && !kvstash_state_read_gate(ptr, size)) { // kvstash',
-      '            throw std::runtime_error("kvstash: the state bytes failed verification");',
-      '        }',
-      '        memcpy(dst, ptr, size);',
-    ].join('\n'),
   },
 ];
 
@@ -127,10 +109,15 @@ function applyEdits(tree) {
     const file = path.join(tree, edit.file);
     const text = fs.readFileSync(file, 'utf8');
     if (occurrences(text, edit.replace) === 1) continue;
-    if (occurrences(text, edit.find) !== 1) {
-      throw new Error(`cannot apply kvstash's edit to ${edit.file}: expected "${edit.find}" exactly once (is this llama.cpp ${PIN.commit}?)`);
+    // `after` (once in the file) narrows the search to its first `find` past it; without it,
+    // `find` must occur exactly once.
+    const from = edit.after === undefined ? 0 : text.indexOf(edit.after);
+    const at = text.indexOf(edit.find, from);
+    if ((edit.after !== undefined && occurrences(text, edit.after) !== 1) || at < 0 || (edit.after === undefined && occurrences(text, edit.find) !== 1)) {
+      const where = edit.after === undefined ? 'exactly once' : `after "${edit.after}"`;
+      throw new Error(`cannot apply kvstash's edit to ${edit.file}: expected "${edit.find}" ${where} (is this llama.cpp ${PIN.commit}?)`);
     }
-    fs.writeFileSync(file, text.replace(edit.find, edit.replace));
+    fs.writeFileSync(file, text.slice(0, at) + edit.replace + text.slice(at + edit.find.length));
   }
 }
 
