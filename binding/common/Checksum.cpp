@@ -2,8 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <system_error>
 #include <cstring>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -160,62 +161,63 @@ void ChunkDigests(const std::vector<ByteSpan>& spans, uint64_t chunkBytes, uint8
 
 namespace {
 
-class ChecksumWorker : public PromiseWorker {
+// Uint8Array parts that a worker thread reads in place: pinned until the worker is destroyed.
+class PinnedParts {
  public:
-  ChecksumWorker(Napi::Env env, Napi::Array parts) : PromiseWorker(env, "kvstash.checksum") {
+  PinnedParts(Napi::Env env, const Napi::Array& parts, const char* caller) {
     for (uint32_t i = 0; i < parts.Length(); ++i) {
       Napi::Value part = parts.Get(i);
       if (!part.IsTypedArray() || part.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-        throw Napi::TypeError::New(env, "checksum: every part must be a Uint8Array");
+        throw Napi::TypeError::New(env, std::string(caller) + ": every part must be a Uint8Array");
       }
       Napi::Uint8Array bytes = part.As<Napi::Uint8Array>();
       spans_.push_back({bytes.Data(), bytes.ByteLength()});
-      // Pinned until the worker is destroyed: the worker thread reads them in place.
+      total_ += bytes.ByteLength();
       pins_.push_back(Napi::Persistent(static_cast<Napi::Object>(bytes)));
     }
   }
 
+  const std::vector<ByteSpan>& spans() const { return spans_; }
+  uint64_t total() const { return total_; }
+
+ private:
+  std::vector<ByteSpan> spans_;
+  std::vector<Napi::ObjectReference> pins_;
+  uint64_t total_ = 0;
+};
+
+class ChecksumWorker : public PromiseWorker {
+ public:
+  ChecksumWorker(Napi::Env env, const Napi::Array& parts) : PromiseWorker(env, "kvstash.checksum"), parts_(env, parts, "checksum") {}
+
  protected:
   void Run() override {
     Xxh64 hash;
-    for (const auto& span : spans_) hash.Update(span.first, span.second);
+    for (const ByteSpan& span : parts_.spans()) hash.Update(span.data, span.size);
     digest_ = hash.Digest();
   }
 
   Napi::Value Result(Napi::Env env) override { return Napi::BigInt::New(env, digest_); }
 
  private:
-  std::vector<std::pair<const uint8_t*, size_t>> spans_;
-  std::vector<Napi::ObjectReference> pins_;
+  PinnedParts parts_;
   uint64_t digest_ = 0;
 };
 
 class ChunkChecksumsWorker : public PromiseWorker {
  public:
   ChunkChecksumsWorker(Napi::Env env, const Napi::Array& parts, uint64_t chunkBytes)
-      : PromiseWorker(env, "kvstash.chunkChecksums"), chunkBytes_(chunkBytes) {
-    uint64_t total = 0;
-    for (uint32_t i = 0; i < parts.Length(); ++i) {
-      Napi::Value part = parts.Get(i);
-      if (!part.IsTypedArray() || part.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-        throw Napi::TypeError::New(env, "chunkChecksums: every part must be a Uint8Array");
-      }
-      Napi::Uint8Array bytes = part.As<Napi::Uint8Array>();
-      spans_.push_back({bytes.Data(), bytes.ByteLength()});
-      total += bytes.ByteLength();
-      pins_.push_back(Napi::Persistent(static_cast<Napi::Object>(bytes)));
-    }
-    digests_.resize(ChunkCount(total, chunkBytes_) * 8);
+      : PromiseWorker(env, "kvstash.chunkChecksums"), parts_(env, parts, "chunkChecksums"), chunkBytes_(chunkBytes) {
+    digests_.resize(ChunkCount(parts_.total(), chunkBytes_) * 8);
   }
 
  protected:
-  void Run() override { ChunkDigests(spans_, chunkBytes_, digests_.data()); }
+  void Run() override { ChunkDigests(parts_.spans(), chunkBytes_, digests_.data()); }
 
   Napi::Value Result(Napi::Env env) override { return Napi::Buffer<uint8_t>::Copy(env, digests_.data(), digests_.size()); }
 
  private:
-  std::vector<ByteSpan> spans_;
-  std::vector<Napi::ObjectReference> pins_;
+  PinnedParts parts_;
   uint64_t chunkBytes_;
   std::vector<uint8_t> digests_;
 };
