@@ -69,7 +69,9 @@ t.test('a miss, a warm, and a hit from each tier give the logits of a cold prefi
   // Resident: sequence 0 holds the prefix; sequence 1 gets it by memory.copy.
   const resident = await restoredLogits(cache, shared, prompt, 1);
   t.match(resident.restored, { tier: 'resident', cachedTokens: 300, partial: false });
-  t.ok(resident.restored.restoreMs < 50, `resident restore took ${resident.restored.restoreMs.toFixed(2)} ms`);
+  // (How fast is the benchmark's business: `npm run bench` times it; a timed assertion here failed
+  // under qemu.) What is checked: it was a resident hit, so no entry was read.
+  t.match(cache.stats().hits, { resident: 1, ram: 0, disk: 0 }, 'served by memory.copy alone');
   // The copy shares the prefix cells; the suffix lands in other cells than in the cold run, so
   // the attention may sum in another order: the f16 tolerance of context-state.test.ts applies.
   const residentDiff = maxAbsDiff(resident.logits, await coldLogits(prompt, 300));
