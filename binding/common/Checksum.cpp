@@ -122,22 +122,35 @@ uint64_t ChunkCount(uint64_t totalBytes, uint64_t chunkBytes) {
   return totalBytes == 0 ? 0 : (totalBytes + chunkBytes - 1) / chunkBytes;
 }
 
+uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, uint64_t index) {
+  Xxh64 hash(index);
+  uint64_t spanStart = 0;
+  for (size_t s = 0; s < spanCount; ++s) {
+    const uint64_t spanEnd = spanStart + spans[s].size;
+    const uint64_t from = std::max(begin, spanStart), to = std::min(end, spanEnd);
+    if (from < to) hash.Update(spans[s].data + (from - spanStart), static_cast<size_t>(to - from));
+    spanStart = spanEnd;
+  }
+  return hash.Digest();
+}
+
+uint64_t LoadDigest(const uint8_t* table, uint64_t index) {
+  uint64_t digest = 0;
+  for (int byte = 7; byte >= 0; --byte) digest = (digest << 8) | table[index * 8 + byte];
+  return digest;
+}
+
+void StoreDigest(uint8_t* table, uint64_t index, uint64_t digest) {
+  for (int byte = 0; byte < 8; ++byte) table[index * 8 + byte] = static_cast<uint8_t>(digest >> (8 * byte));
+}
+
 void ChunkDigests(const std::vector<ByteSpan>& spans, uint64_t chunkBytes, uint8_t* digests) {
   uint64_t total = 0;
   for (const ByteSpan& span : spans) total += span.size;
   const uint64_t chunks = ChunkCount(total, chunkBytes);
   auto hashChunk = [&](uint64_t index) {
     const uint64_t begin = index * chunkBytes, end = std::min(total, begin + chunkBytes);
-    Xxh64 hash(index);
-    uint64_t spanStart = 0;
-    for (const ByteSpan& span : spans) {
-      const uint64_t spanEnd = spanStart + span.size;
-      const uint64_t from = std::max(begin, spanStart), to = std::min(end, spanEnd);
-      if (from < to) hash.Update(span.data + (from - spanStart), static_cast<size_t>(to - from));
-      spanStart = spanEnd;
-    }
-    const uint64_t digest = hash.Digest();
-    for (int byte = 0; byte < 8; ++byte) digests[index * 8 + byte] = static_cast<uint8_t>(digest >> (8 * byte));
+    StoreDigest(digests, index, ChunkDigest(spans.data(), spans.size(), begin, end, index));
   };
   // Chunks are handed out one at a time, so a thread that started late still takes its share.
   // Four threads saturate memory bandwidth on the machines this targets (2-core x86 servers,

@@ -42,6 +42,14 @@ struct ByteSpan {
 void ChunkDigests(const std::vector<ByteSpan>& spans, uint64_t chunkBytes, uint8_t* digests);
 uint64_t ChunkCount(uint64_t totalBytes, uint64_t chunkBytes);
 
+// The digest of chunk `index`, as entry format 2 defines it: XXH64 seeded with the chunk's index,
+// over bytes [begin, end) of the spans concatenated. ChunkDigests and the restore's read gate both
+// use it, so writer and reader cannot disagree on the seed.
+uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, uint64_t index);
+// Digest `index` of a table of little-endian u64 digests, as stored in an entry.
+uint64_t LoadDigest(const uint8_t* table, uint64_t index);
+void StoreDigest(uint8_t* table, uint64_t index, uint64_t digest);
+
 // checksum(parts: Uint8Array[]) -> Promise<bigint>: XXH64 (seed 0) of the parts concatenated.
 Napi::Value Checksum(const Napi::CallbackInfo& info);
 // chunkChecksums(parts: Uint8Array[], chunkBytes: number) -> Promise<Buffer>: ChunkDigests().

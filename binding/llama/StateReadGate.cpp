@@ -80,12 +80,8 @@ void StateReadGate::ReadAndCheck(uint64_t first, uint64_t count) {
     bool matches = readable;
     if (matches) {
       const uint64_t chunkBegin = index * chunkBytes_, chunkEnd = std::min(length_, chunkBegin + chunkBytes_);
-      Xxh64 hash(index);  // the entry format's seed of chunk i is i
-      hash.Update(buffer_ + chunkBegin, static_cast<size_t>(chunkEnd - chunkBegin));
-      const uint64_t value = hash.Digest();
-      for (int byte = 0; byte < 8; ++byte) {
-        if (digests_[index * 8 + byte] != static_cast<uint8_t>(value >> (8 * byte))) matches = false;
-      }
+      const ByteSpan chunk{buffer_ + chunkBegin, static_cast<size_t>(chunkEnd - chunkBegin)};
+      matches = ChunkDigest(&chunk, 1, 0, chunk.size, index) == LoadDigest(digests_.data(), index);
     }
     if (!matches) failed_ = true;
     states_[index].store(matches ? kVerified : kFailed, std::memory_order_release);
