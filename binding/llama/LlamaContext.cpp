@@ -219,6 +219,7 @@ void LlamaContext::WaitIdleAndFree() {
   model_.reset();
   outputs_ = DecodeOutputs();
   importScratch_.Release();
+  importReader_.Stop();
 }
 
 void LlamaContext::RequireLive(Napi::Env env) const {
@@ -701,10 +702,10 @@ class StateImportVerifiedFileWorker : public ContextWorker {
  public:
   StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
                                 uint64_t checkedLength, uint64_t chunkBytes, std::vector<uint8_t> digests,
-                                uint64_t payloadOffset, uint64_t payloadLength, ScratchBuffer* scratch)
+                                uint64_t payloadOffset, uint64_t payloadLength, ScratchBuffer* scratch, HelperThread* reader)
       : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
         checkedLength_(checkedLength), chunkBytes_(chunkBytes), digests_(std::move(digests)),
-        payloadOffset_(payloadOffset), payloadLength_(payloadLength), scratch_(scratch) {}
+        payloadOffset_(payloadOffset), payloadLength_(payloadLength), scratch_(scratch), reader_(reader) {}
 
  protected:
   void Work(llama_context* ctx) override {
@@ -721,7 +722,7 @@ class StateImportVerifiedFileWorker : public ContextWorker {
     bool verified = false;
     std::string readError;
     {
-      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_);
+      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_, *reader_);
       read = seq_ < 0 ? llama_state_set_data(ctx, buffer + payloadOffset_, payloadLength_)
                       : llama_state_seq_set_data(ctx, buffer + payloadOffset_, payloadLength_, seq_);
       // Every chunk, also those llama.cpp did not need to read (the header's).
@@ -750,6 +751,7 @@ class StateImportVerifiedFileWorker : public ContextWorker {
   std::vector<uint8_t> digests_;
   uint64_t payloadOffset_, payloadLength_;
   ScratchBuffer* scratch_;
+  HelperThread* reader_;
 };
 
 // importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests: Uint8Array, payloadOffset,
@@ -781,7 +783,7 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
                                             static_cast<uint64_t>(chunkBytes), std::move(expected),
                                             static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
-                                            &importScratch_))
+                                            &importScratch_, &importReader_))
       ->Start();
 }
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/HelperThread.h"
 #include "common/ScratchBuffer.h"
 #include "llama.h"
 #include "llama/LlamaModel.h"
@@ -98,6 +99,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
 
   DecodeOutputs outputs_;
   ScratchBuffer importScratch_;  // verified imports read entry files into it
+  HelperThread importReader_;    // and read ahead on this thread (StateReadGate)
   std::atomic<bool> busy_{false};
   std::atomic<bool> abort_{false};
   // `running_` is true from the start of a slow operation until its worker thread has left

@@ -25,7 +25,8 @@ inline void CpuRelax() {
 
 }  // namespace
 
-StateReadGate::StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests)
+StateReadGate::StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests,
+                             HelperThread& reader)
     : fd_(fd),
       buffer_(buffer),
       length_(length),
@@ -33,9 +34,10 @@ StateReadGate::StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t 
       chunks_(ChunkCount(length, chunkBytes)),
       digests_(digests),
       states_(new std::atomic<uint8_t>[chunks_]),
-      previous_(currentGate) {
+      previous_(currentGate),
+      reader_(reader) {
   for (uint64_t i = 0; i < chunks_; ++i) states_[i].store(kUnchecked, std::memory_order_relaxed);
-  reader_ = std::thread([this]() {
+  readerStarted_ = reader_.Start([this]() {
     // Runs of up to kRunChunks unclaimed chunks, one pread each: fewer system calls than one per
     // chunk, and still small enough to stay in the CPU cache until they are hashed.
     constexpr uint64_t kRunChunks = 16;
@@ -58,7 +60,7 @@ StateReadGate::StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t 
 StateReadGate::~StateReadGate() {
   currentGate = previous_;
   stop_ = true;
-  reader_.join();
+  if (readerStarted_) reader_.Wait();
 }
 
 void StateReadGate::ReadAndCheck(uint64_t first, uint64_t count) {
@@ -103,11 +105,27 @@ bool StateReadGate::Resolve(uint64_t index) {
     }
     if (state == kVerified) return true;
     if (state == kFailed) return false;
+    // The other thread is checking this chunk. Rather than wait, take the next chunk nobody has
+    // claimed: the two threads then share the reading and hashing instead of one idling.
+    if (ClaimAhead(index)) continue;
     // Being checked by the other thread: one chunk takes microseconds. Yield now and then in case
     // that thread is not running.
     if (spins % 256 == 255) std::this_thread::yield();
     else CpuRelax();
   }
+}
+
+bool StateReadGate::ClaimAhead(uint64_t index) {
+  const uint64_t end = std::min(chunks_, index + 1 + kClaimAheadChunks);
+  for (uint64_t ahead = index + 1; ahead < end; ++ahead) {
+    uint8_t expected = kUnchecked;
+    if (states_[ahead].load(std::memory_order_relaxed) == kUnchecked &&
+        states_[ahead].compare_exchange_strong(expected, kChecking)) {
+      ReadAndCheck(ahead, 1);
+      return true;
+    }
+  }
+  return false;
 }
 
 bool StateReadGate::Admit(const uint8_t* data, size_t size) {

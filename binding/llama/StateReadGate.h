@@ -4,12 +4,14 @@
 // Reading an entry, checking every chunk and then calling llama_state_seq_set_data costs three
 // passes over 25 MB, one after the other. kvstash's edit of llama.cpp (scripts/fetch-llama.js)
 // makes its state reader ask kvstash_state_read_gate() before it reads or copies any range; a
-// StateReadGate answers for the imports on its thread. A thread of its own reads the file chunk by
-// chunk into the import buffer and checks each chunk there, from the front, while llama.cpp
-// imports the chunks already checked. A range whose chunks nobody has started on is read and
-// checked on the spot, on llama.cpp's thread; a chunk the other thread is working on is waited for
-// (microseconds). The on-the-spot work matters because llama.cpp first reads small fields spread
-// over the whole state (each layer's type and row size) and copies the bulk only afterwards.
+// StateReadGate answers for the imports on its thread. A helper thread (the context's, parked
+// between restores: HelperThread says why) reads the file chunk by chunk into the import buffer
+// and checks each chunk there, from the front, while llama.cpp imports the chunks already checked.
+// A range whose chunks nobody has started on is read and checked on the spot, on llama.cpp's
+// thread. When llama.cpp's thread reaches a chunk the helper is still working on, it reads and
+// checks the next unclaimed chunk ahead instead of waiting, so the two threads share the work.
+// The on-the-spot work matters because llama.cpp first reads small fields spread over the whole
+// state (each layer's type and row size) and copies the bulk only afterwards.
 //
 // What is hashed is the buffer llama.cpp reads, after the copy from the file: a file changed
 // meanwhile cannot slip bytes past the check. A chunk that fails stops llama.cpp before it reads a
@@ -24,6 +26,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/HelperThread.h"
+
 extern "C" bool kvstash_state_read_gate(const void* data, size_t size);
 
 namespace kvstash {
@@ -34,7 +38,8 @@ class StateReadGate {
   // `chunkBytes` against `digests` (8 bytes, little-endian, per chunk, chunk i hashed with seed i:
   // the entry format's digest table), and becomes the gate of the calling thread's state reads
   // until it is destroyed.
-  StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests);
+  StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests,
+                HelperThread& reader);
   ~StateReadGate();
   StateReadGate(const StateReadGate&) = delete;
   StateReadGate& operator=(const StateReadGate&) = delete;
@@ -55,6 +60,9 @@ class StateReadGate {
   // Makes chunk `index` verified or failed (reading and checking it here, or waiting for the
   // thread that does); true when it is verified.
   bool Resolve(uint64_t index);
+  // Claims, reads and checks the first unclaimed chunk of the few after `index`; false if none.
+  bool ClaimAhead(uint64_t index);
+  static constexpr uint64_t kClaimAheadChunks = 32;
   // Reads chunks [first, first + count), claimed by the caller, and marks each verified or failed.
   void ReadAndCheck(uint64_t first, uint64_t count);
 
@@ -67,7 +75,8 @@ class StateReadGate {
   std::atomic<int> readErrno_{0};  // 0: none; -1: the file ended early
   bool consulted_ = false;         // only the importing thread touches it
   StateReadGate* previous_;
-  std::thread reader_;
+  HelperThread& reader_;
+  bool readerStarted_ = false;
 };
 
 }  // namespace kvstash

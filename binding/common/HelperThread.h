@@ -1,0 +1,42 @@
+// One long-lived thread that runs one job at a time for its owner.
+//
+// Why not a std::thread per job: a verified restore wants its reader thread running within
+// microseconds. Measured on a 2-vCPU machine, a thread created at the start of each restore began
+// 0.2 to 4 ms later (the scheduler queues a new thread behind running ones), and every restore
+// whose reader started late took the single-threaded time, ≈ 9 ms instead of ≈ 5 ms. A parked
+// thread is woken instead, as a sleeper, which the scheduler runs promptly.
+#pragma once
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+namespace kvstash {
+
+class HelperThread {
+ public:
+  HelperThread() = default;
+  HelperThread(const HelperThread&) = delete;
+  HelperThread& operator=(const HelperThread&) = delete;
+  ~HelperThread() { Stop(); }
+
+  // Runs `job` on the helper thread (started on first use). False when no thread can be started:
+  // the caller then does the work itself. One job at a time: Wait() before the next Start().
+  bool Start(std::function<void()> job);
+  // Returns once the job given to Start() has finished.
+  void Wait();
+  // Ends the thread (after its job); a later Start() starts a new one.
+  void Stop();
+
+ private:
+  void Loop();
+
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::function<void()> job_;
+  bool running_ = false, quit_ = false;
+  std::thread thread_;
+};
+
+}  // namespace kvstash
