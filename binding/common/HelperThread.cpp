@@ -4,6 +4,54 @@
 
 namespace kvstash {
 
+namespace {
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+}  // namespace
+
+bool HelperThread::EnsureThread() {
+  if (thread_.joinable()) return true;
+  try {
+    thread_ = std::thread([this]() { Loop(); });
+    return true;
+  } catch (const std::system_error&) {
+    return false;
+  }
+}
+
+void HelperThread::Prewake(std::chrono::microseconds spin) {
+  if (!EnsureThread()) return;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    spinUntil_ = std::chrono::steady_clock::now() + spin;
+  }
+  wake_.notify_one();
+}
+
+bool HelperThread::Start(std::function<void()> job) {
+  if (!EnsureThread()) return false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_ = std::move(job);
+    running_ = true;
+    jobPending_.store(true, std::memory_order_release);
+  }
+  wake_.notify_one();
+  return true;
+}
+
+void HelperThread::Wait() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_.wait(lock, [this]() { return !running_; });
+}
+
 void HelperThread::Stop() {
   if (!thread_.joinable()) return;
   {
@@ -15,35 +63,25 @@ void HelperThread::Stop() {
   quit_ = false;
 }
 
-bool HelperThread::Start(std::function<void()> job) {
-  if (!thread_.joinable()) {
-    try {
-      thread_ = std::thread([this]() { Loop(); });
-    } catch (const std::system_error&) {
-      return false;
-    }
-  }
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    job_ = std::move(job);
-    running_ = true;
-  }
-  wake_.notify_one();
-  return true;
-}
-
-void HelperThread::Wait() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  done_.wait(lock, [this]() { return !running_; });
-}
-
 void HelperThread::Loop() {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    wake_.wait(lock, [this]() { return quit_ || job_ != nullptr; });
-    if (job_ == nullptr) return;  // quit_ with no job pending
+    wake_.wait(lock, [this]() {
+      return quit_ || job_ != nullptr || std::chrono::steady_clock::now() < spinUntil_;
+    });
+    if (job_ == nullptr) {
+      if (quit_) return;
+      // Prewoken: spin until the job arrives or the spin time is up.
+      const auto until = spinUntil_;
+      spinUntil_ = {};
+      lock.unlock();
+      while (!jobPending_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) CpuRelax();
+      lock.lock();
+      continue;
+    }
     std::function<void()> job = std::move(job_);
     job_ = nullptr;
+    jobPending_.store(false, std::memory_order_relaxed);
     lock.unlock();
     job();
     lock.lock();

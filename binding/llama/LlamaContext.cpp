@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <unordered_map>
@@ -779,6 +780,9 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
     throw Napi::RangeError::New(env, "importVerifiedStateFile: digests must hold 8 bytes per chunk of the checked range");
   }
   std::vector<uint8_t> expected(digests.Data(), digests.Data() + digests.ByteLength());
+  // The worker starts on a thread-pool thread within about 0.1 ms; the reader thread spins that
+  // long instead of being woken after it (StateReadGate).
+  importReader_.Prewake(std::chrono::microseconds(2000));
   BeginOperation(env);
   return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
                                             static_cast<uint64_t>(chunkBytes), std::move(expected),
