@@ -1,57 +1,34 @@
-// Carries progress (done, total) from a worker thread to an optional JS callback through a
-// thread-safe function. Calls never block the worker: when JS is behind, updates queue up.
+// Carries progress (done, total) from a worker thread to an optional JS callback, never blocking
+// the worker (CallbackChannel).
 #pragma once
 
 #include <napi.h>
+
+#include <vector>
+
+#include "common/CallbackChannel.h"
 
 namespace kvstash {
 
 class ProgressReporter {
  public:
   // `callback` may be undefined: then Report() does nothing.
-  ProgressReporter(Napi::Env env, Napi::Value callback, const char* name) {
-    if (callback.IsFunction()) {
-      tsfn_ = Napi::ThreadSafeFunction::New(env, callback.As<Napi::Function>(), name, 0, 1);
-      active_ = true;
-    }
-  }
-  ProgressReporter(const ProgressReporter&) = delete;
-  ProgressReporter& operator=(const ProgressReporter&) = delete;
-  ~ProgressReporter() { Release(); }
+  ProgressReporter(Napi::Env env, Napi::Value callback, const char* name) : channel_(env, callback, name, &Arguments) {}
 
   // Worker thread.
-  void Report(double done, double total) {
-    if (!active_) return;
-    auto* update = new Update{done, total};
-    napi_status status = tsfn_.NonBlockingCall(update, [](Napi::Env env, Napi::Function fn, Update* u) {
-      double done = u->done, total = u->total;
-      delete u;
-      if (env != nullptr && fn != nullptr) {
-        // A throwing progress callback must not take the operation down with it.
-        try {
-          fn.Call({Napi::Number::New(env, done), Napi::Number::New(env, total)});
-        } catch (const Napi::Error&) {
-        }
-      }
-    });
-    if (status != napi_ok) delete update;
-  }
-
+  void Report(double done, double total) { channel_.Send({done, total}); }
   // Main thread, once the work is over.
-  void Release() {
-    if (active_) {
-      active_ = false;
-      tsfn_.Release();
-    }
-  }
+  void Release() { channel_.Release(); }
 
  private:
-  struct Update {
+  struct Progress {
     double done;
     double total;
   };
-  Napi::ThreadSafeFunction tsfn_;
-  bool active_ = false;
+  static std::vector<napi_value> Arguments(Napi::Env env, const Progress& progress) {
+    return {Napi::Number::New(env, progress.done), Napi::Number::New(env, progress.total)};
+  }
+  CallbackChannel<Progress> channel_;
 };
 
 }  // namespace kvstash

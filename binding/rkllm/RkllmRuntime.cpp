@@ -11,6 +11,7 @@
 #include <set>
 #include <vector>
 
+#include "common/CallbackChannel.h"
 #include "common/Errors.h"
 #include "common/PromiseWorker.h"
 
@@ -154,41 +155,13 @@ const std::set<std::string> kSamplingKeys = {"topK",     "topP",        "tempera
 
 class TokenStream {
  public:
-  TokenStream(Napi::Env env, Napi::Value callback) {
-    if (callback.IsFunction()) {
-      tsfn_ = Napi::ThreadSafeFunction::New(env, callback.As<Napi::Function>(), "kvstash.rkllmTokens", 0, 1);
-      active_ = true;
-    }
-  }
-  TokenStream(const TokenStream&) = delete;
-  TokenStream& operator=(const TokenStream&) = delete;
-  ~TokenStream() { Release(); }
+  TokenStream(Napi::Env env, Napi::Value callback) : channel_(env, callback, "kvstash.rkllmTokens", &Arguments) {}
 
   // Runtime thread. `index` lets JS put chunks in order and drop the ones the result already
   // delivered: chunks queued here may reach JS after the run's promise settled.
-  void Send(uint32_t index, std::string text, int32_t tokenId) {
-    if (!active_) return;
-    auto* chunk = new Chunk{index, std::move(text), tokenId};
-    napi_status status = tsfn_.NonBlockingCall(chunk, [](Napi::Env env, Napi::Function fn, Chunk* c) {
-      std::unique_ptr<Chunk> owned(c);
-      if (env == nullptr || fn == nullptr) return;
-      try {
-        fn.Call({Napi::String::New(env, owned->text), Napi::Number::New(env, owned->tokenId),
-                 Napi::Number::New(env, owned->index)});
-      } catch (const Napi::Error&) {
-        // A throwing listener must not take the run down with it.
-      }
-    });
-    if (status != napi_ok) delete chunk;
-  }
-
+  void Send(uint32_t index, std::string text, int32_t tokenId) { channel_.Send({index, std::move(text), tokenId}); }
   // Main thread, once the run is over.
-  void Release() {
-    if (active_) {
-      active_ = false;
-      tsfn_.Release();
-    }
-  }
+  void Release() { channel_.Release(); }
 
  private:
   struct Chunk {
@@ -196,8 +169,10 @@ class TokenStream {
     std::string text;
     int32_t tokenId;
   };
-  Napi::ThreadSafeFunction tsfn_;
-  bool active_ = false;
+  static std::vector<napi_value> Arguments(Napi::Env env, const Chunk& chunk) {
+    return {Napi::String::New(env, chunk.text), Napi::Number::New(env, chunk.tokenId), Napi::Number::New(env, chunk.index)};
+  }
+  CallbackChannel<Chunk> channel_;
 };
 
 int OnRkllmResult(RKLLMResult* result, void* userdata, LLMCallState state) noexcept;
