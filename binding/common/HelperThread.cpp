@@ -2,19 +2,9 @@
 
 #include <system_error>
 
+#include "common/CpuRelax.h"
+
 namespace kvstash {
-
-namespace {
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-}  // namespace
 
 bool HelperThread::EnsureThread() {
   if (thread_.joinable()) return true;

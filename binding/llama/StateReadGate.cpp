@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "common/Checksum.h"
+#include "common/CpuRelax.h"
 
 namespace kvstash {
 
@@ -14,14 +15,6 @@ namespace {
 
 // The gate of the imports running on this thread (a libuv worker runs one import at a time).
 thread_local StateReadGate* currentGate = nullptr;
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 }  // namespace
 
