@@ -30,6 +30,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadModel", Napi::Function::New<LlamaModel::Load>(env, "loadModel"));
   exports.Set("checksum", Napi::Function::New<Checksum>(env, "checksum"));
   exports.Set("chunkChecksums", Napi::Function::New<ChunkChecksums>(env, "chunkChecksums"));
+  exports.Set("crc32cImplementation", Napi::Function::New<Crc32cImplementationName>(env, "crc32cImplementation"));
   exports.Set("quantize", Napi::Function::New<Quantize>(env, "quantize"));
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("setLogLevel", Napi::Function::New<SetLogLevel>(env, "setLogLevel"));

@@ -74,6 +74,9 @@ export interface NativeModel {
 
 export type ProgressCallback = (done: number, total: number) => void;
 
+/** How a cache entry's digests are computed (lib/cache/entry.ts): by format version. */
+export type DigestScheme = 'xxh64' | 'crc32c';
+
 export interface NativeContext {
   info(): NativeContextInfo;
   decode(tokens: Int32Array, positions: Int32Array, sequences: Int32Array, keep: Uint8Array, onProgress?: ProgressCallback): Promise<number>;
@@ -97,8 +100,9 @@ export interface NativeContext {
     sequence: number,
     checkedLength: number,
     chunkBytes: number,
-    /** u64 LE XXH64 per chunk of [0, checkedLength), chunk i with seed i. */
+    /** u64 LE digest per chunk of [0, checkedLength), as chunkChecksums() with `scheme`. */
     digests: Uint8Array,
+    scheme: DigestScheme,
     payloadOffset: number,
     payloadLength: number,
   ): Promise<void>;
@@ -238,10 +242,15 @@ export interface NativeBinding {
   /** Opens librkllmrt.so (path, else RKLLM_LIB_PATH, else the system search path); throws E_RKLLM_UNAVAILABLE. */
   RkllmRuntime: new (libraryPath: string | undefined, version: NativeRkllmVersion) => NativeRkllmRuntime;
   loadModel(path: string, options: { useMmap?: boolean }, onProgress?: ProgressCallback): Promise<NativeModel>;
-  /** XXH64 (seed 0) of the parts, concatenated. */
-  checksum(parts: readonly Uint8Array[]): Promise<bigint>;
-  /** XXH64 of each chunkBytes-long chunk of the parts concatenated, chunk i with seed i: u64 LE each. */
-  chunkChecksums(parts: readonly Uint8Array[], chunkBytes: number): Promise<Buffer>;
+  /** XXH64 (seed 0) or CRC-32C of the parts, concatenated: an entry's table checksum. */
+  checksum(parts: readonly Uint8Array[], scheme: DigestScheme): Promise<bigint>;
+  /**
+   * The digest of each chunkBytes-long chunk of the parts concatenated, u64 LE each: chunk i's XXH64
+   * with seed i, or the CRC-32C of i (u64 LE) followed by the chunk.
+   */
+  chunkChecksums(parts: readonly Uint8Array[], chunkBytes: number, scheme: DigestScheme): Promise<Buffer>;
+  /** How CRC-32C is computed on this CPU: by instruction, or by table (portable, slower). */
+  crc32cImplementation(): 'sse4.2' | 'armv8-crc' | 'table';
   quantize(source: string, destination: string, type: string, threads: number): Promise<void>;
   setErrorClass(errorClass: typeof KvstashError): void;
   setLogLevel(level: number): void;

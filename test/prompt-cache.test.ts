@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { native } from '../lib/binding.js';
-import { writeEntry } from '../lib/cache/entry.js';
+import { ENTRY_VERSION, writeEntry } from '../lib/cache/entry.js';
 import { DirectoryStore, generate, loadModel, PromptCache, readEntryFile, readVerifiedEntry, type Context, type Model } from '../lib/index.js';
 import { bitIdentical, maxAbsDiff, promptTokens, tinyModel, skipUnderEmulation } from './helpers/fixtures.js';
 
@@ -159,8 +159,8 @@ t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', asy
     variants.push([`truncated to ${length} bytes`, good.subarray(0, length)]);
   }
   const wrongVersion = Buffer.from(good);
-  wrongVersion.writeUInt32LE(3, 8);
-  variants.push(['format version 3', wrongVersion]);
+  wrongVersion.writeUInt32LE(ENTRY_VERSION + 1, 8);
+  variants.push([`format version ${ENTRY_VERSION + 1}`, wrongVersion]);
   const lyingChunkSize = Buffer.from(good);
   const chunkField = lyingChunkSize.indexOf('"checksumChunkBytes":65536');
   lyingChunkSize.write('"checksumChunkBytes":65535', chunkField, 'latin1');
@@ -186,13 +186,13 @@ t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', asy
   await context.dispose();
 });
 
-t.test('every chunk of an entry is verified before it loads; entries of format 1 still load', async (t) => {
+t.test('every chunk of an entry is verified before it loads; entries of formats 1 and 2 still load', async (t) => {
   const source = cacheIn(t);
   const context = await model.createContext({ contextSize: 1024 });
   const warmed = await source.warm(context, prefix);
   await source.flush();
   const { entry, payload } = await readVerifiedEntry(warmed.path ?? path.join(source.dir!, `${warmed.key}.kvstash`));
-  t.match(entry, { version: 2, chunkBytes: 1 << 16 }, 'written in format 2 with 64 KiB chunks');
+  t.match(entry, { version: 3, digestScheme: 'crc32c', chunkBytes: 1 << 16 }, 'written in format 3 with 64 KiB chunks');
   const cold = await coldLogits(prompt, prefix.length);
 
   async function restoreFrom(file: string, bytes: Buffer) {
@@ -240,7 +240,7 @@ t.test('every chunk of an entry is verified before it loads; entries of format 1
   );
   t.same(await context.exclusive(() => context.memory.range(0)), { min: -1, max: -1 }, 'nothing of it stays in the sequence');
 
-  // Two chunks swapped along with their digests: the seeds (chunk index) tell.
+  // Two chunks swapped along with their digests: the index in each digest tells.
   const swapped = Buffer.from(good);
   const digestsAt = small.checkedLength;
   const [a, b] = [3, 4];
@@ -248,7 +248,7 @@ t.test('every chunk of an entry is verified before it loads; entries of format 1
   good.copy(swapped, b * 4096, a * 4096, (a + 1) * 4096);
   good.copy(swapped, digestsAt + 8 * a, digestsAt + 8 * b, digestsAt + 8 * b + 8);
   good.copy(swapped, digestsAt + 8 * b, digestsAt + 8 * a, digestsAt + 8 * a + 8);
-  const tableSum = await native().checksum([swapped.subarray(digestsAt, digestsAt + small.chunkDigests.length)]);
+  const tableSum = await native().checksum([swapped.subarray(digestsAt, digestsAt + small.chunkDigests.length)], 'crc32c');
   swapped.writeBigUInt64LE(tableSum, digestsAt + small.chunkDigests.length);
   const reordered = await restoreFrom(smallChunks, swapped);
   t.equal(reordered.restored.cachedTokens, 0, 'swapped chunks with swapped digests: nothing restored');
@@ -263,7 +263,7 @@ t.test('every chunk of an entry is verified before it loads; entries of format 1
   head.writeUInt32LE(json.length, 12);
   json.copy(head, 16);
   const trailer = Buffer.alloc(16);
-  trailer.writeBigUInt64LE(await native().checksum([head, payload]), 0);
+  trailer.writeBigUInt64LE(await native().checksum([head, payload], 'xxh64'), 0);
   trailer.write('KVSTEND\0', 8, 'latin1');
   const v1 = Buffer.concat([head, payload, trailer]);
   const oldEntry = await restoreFrom(smallChunks, v1);
@@ -275,6 +275,28 @@ t.test('every chunk of an entry is verified before it loads; entries of format 1
   const v1Rejected = await restoreFrom(smallChunks, v1Flipped);
   t.equal(v1Rejected.restored.cachedTokens, 0, 'format 1 with a flipped payload byte: nothing restored');
   t.match(v1Rejected.problems, [{ code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }]);
+
+  // Format 2, written here: format 3's layout with XXH64 digests (chunk i with seed i) and table checksum.
+  const json2 = Buffer.from(JSON.stringify({ ...headerV1, checksumChunkBytes: 4096 }));
+  const head2 = Buffer.alloc(Math.ceil((16 + json2.length) / 64) * 64);
+  head2.write('KVSTASH\0', 0, 'latin1');
+  head2.writeUInt32LE(2, 8);
+  head2.writeUInt32LE(json2.length, 12);
+  json2.copy(head2, 16);
+  const digests2 = await native().chunkChecksums([head2, payload], 4096, 'xxh64');
+  const trailer2 = Buffer.alloc(16);
+  trailer2.writeBigUInt64LE(await native().checksum([digests2], 'xxh64'), 0);
+  trailer2.write('KVSTEND\0', 8, 'latin1');
+  const v2 = Buffer.concat([head2, payload, digests2, trailer2]);
+  const v2Entry = await restoreFrom(smallChunks, v2);
+  t.match(v2Entry.restored, { cachedTokens: prefix.length, tier: 'disk' });
+  t.ok(bitIdentical(v2Entry.logits, cold), 'format 2: bit-identical to a cold prefill');
+  t.same(v2Entry.problems, []);
+  const v2Flipped = Buffer.from(v2);
+  v2Flipped[head2.length + 4096 * 5 + 17] ^= 0x02;
+  const v2Rejected = await restoreFrom(smallChunks, v2Flipped);
+  t.equal(v2Rejected.restored.cachedTokens, 0, 'format 2 with a flipped payload byte: nothing restored');
+  t.match(v2Rejected.problems, [{ code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }]);
   await context.dispose();
 });
 

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/Crc32c.h"
 #include "common/PromiseWorker.h"
 
 namespace kvstash {
@@ -122,16 +123,31 @@ uint64_t ChunkCount(uint64_t totalBytes, uint64_t chunkBytes) {
   return totalBytes == 0 ? 0 : (totalBytes + chunkBytes - 1) / chunkBytes;
 }
 
-uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, uint64_t index) {
-  Xxh64 hash(index);
+uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, uint64_t index,
+                     DigestScheme scheme) {
+  Xxh64 xxh64(index);
+  uint32_t crc = 0;
+  if (scheme == DigestScheme::kCrc32c) {
+    uint8_t indexBytes[8];
+    for (int byte = 0; byte < 8; ++byte) indexBytes[byte] = static_cast<uint8_t>(index >> (8 * byte));
+    crc = Crc32cExtend(0, indexBytes, sizeof(indexBytes));
+  }
   uint64_t spanStart = 0;
   for (size_t s = 0; s < spanCount; ++s) {
     const uint64_t spanEnd = spanStart + spans[s].size;
     const uint64_t from = std::max(begin, spanStart), to = std::min(end, spanEnd);
-    if (from < to) hash.Update(spans[s].data + (from - spanStart), static_cast<size_t>(to - from));
+    if (from < to) {
+      const uint8_t* data = spans[s].data + (from - spanStart);
+      const size_t size = static_cast<size_t>(to - from);
+      if (scheme == DigestScheme::kCrc32c) {
+        crc = Crc32cExtend(crc, data, size);
+      } else {
+        xxh64.Update(data, size);
+      }
+    }
     spanStart = spanEnd;
   }
-  return hash.Digest();
+  return scheme == DigestScheme::kCrc32c ? crc : xxh64.Digest();
 }
 
 uint64_t LoadDigest(const uint8_t* table, uint64_t index) {
@@ -144,13 +160,13 @@ void StoreDigest(uint8_t* table, uint64_t index, uint64_t digest) {
   for (int byte = 0; byte < 8; ++byte) table[index * 8 + byte] = static_cast<uint8_t>(digest >> (8 * byte));
 }
 
-void ChunkDigests(const std::vector<ByteSpan>& spans, uint64_t chunkBytes, uint8_t* digests) {
+void ChunkDigests(const std::vector<ByteSpan>& spans, uint64_t chunkBytes, DigestScheme scheme, uint8_t* digests) {
   uint64_t total = 0;
   for (const ByteSpan& span : spans) total += span.size;
   const uint64_t chunks = ChunkCount(total, chunkBytes);
   auto hashChunk = [&](uint64_t index) {
     const uint64_t begin = index * chunkBytes, end = std::min(total, begin + chunkBytes);
-    StoreDigest(digests, index, ChunkDigest(spans.data(), spans.size(), begin, end, index));
+    StoreDigest(digests, index, ChunkDigest(spans.data(), spans.size(), begin, end, index, scheme));
   };
   // Chunks are handed out one at a time, so a thread that started late still takes its share.
   // Four threads saturate memory bandwidth on the machines this targets (2-core x86 servers,
@@ -201,55 +217,81 @@ class PinnedParts {
 
 class ChecksumWorker : public PromiseWorker {
  public:
-  ChecksumWorker(Napi::Env env, const Napi::Array& parts) : PromiseWorker(env, "kvstash.checksum"), parts_(env, parts, "checksum") {}
+  ChecksumWorker(Napi::Env env, const Napi::Array& parts, DigestScheme scheme)
+      : PromiseWorker(env, "kvstash.checksum"), parts_(env, parts, "checksum"), scheme_(scheme) {}
 
  protected:
   void Run() override {
-    Xxh64 hash;
-    for (const ByteSpan& span : parts_.spans()) hash.Update(span.data, span.size);
-    digest_ = hash.Digest();
+    Xxh64 xxh64;
+    uint32_t crc = 0;
+    for (const ByteSpan& span : parts_.spans()) {
+      if (scheme_ == DigestScheme::kCrc32c) {
+        crc = Crc32cExtend(crc, span.data, span.size);
+      } else {
+        xxh64.Update(span.data, span.size);
+      }
+    }
+    digest_ = scheme_ == DigestScheme::kCrc32c ? crc : xxh64.Digest();
   }
 
   Napi::Value Result(Napi::Env env) override { return Napi::BigInt::New(env, digest_); }
 
  private:
   PinnedParts parts_;
+  DigestScheme scheme_;
   uint64_t digest_ = 0;
 };
 
 class ChunkChecksumsWorker : public PromiseWorker {
  public:
-  ChunkChecksumsWorker(Napi::Env env, const Napi::Array& parts, uint64_t chunkBytes)
-      : PromiseWorker(env, "kvstash.chunkChecksums"), parts_(env, parts, "chunkChecksums"), chunkBytes_(chunkBytes) {
+  ChunkChecksumsWorker(Napi::Env env, const Napi::Array& parts, uint64_t chunkBytes, DigestScheme scheme)
+      : PromiseWorker(env, "kvstash.chunkChecksums"), parts_(env, parts, "chunkChecksums"), chunkBytes_(chunkBytes), scheme_(scheme) {
     digests_.resize(ChunkCount(parts_.total(), chunkBytes_) * 8);
   }
 
  protected:
-  void Run() override { ChunkDigests(parts_.spans(), chunkBytes_, digests_.data()); }
+  void Run() override { ChunkDigests(parts_.spans(), chunkBytes_, scheme_, digests_.data()); }
 
   Napi::Value Result(Napi::Env env) override { return Napi::Buffer<uint8_t>::Copy(env, digests_.data(), digests_.size()); }
 
  private:
   PinnedParts parts_;
   uint64_t chunkBytes_;
+  DigestScheme scheme_;
   std::vector<uint8_t> digests_;
 };
 
 }  // namespace
 
+DigestScheme DigestSchemeArg(Napi::Env env, const Napi::Value& value, const char* caller) {
+  const std::string name = value.IsString() ? value.As<Napi::String>().Utf8Value() : "";
+  if (name == "xxh64") return DigestScheme::kXxh64;
+  if (name == "crc32c") return DigestScheme::kCrc32c;
+  throw Napi::TypeError::New(env, std::string(caller) + ": the digest scheme must be 'xxh64' or 'crc32c'");
+}
+
 Napi::Value ChunkChecksums(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsArray() || !info[1].IsNumber()) throw Napi::TypeError::New(env, "chunkChecksums(parts: Uint8Array[], chunkBytes: number)");
+  if (!info[0].IsArray() || !info[1].IsNumber()) {
+    throw Napi::TypeError::New(env, "chunkChecksums(parts: Uint8Array[], chunkBytes: number, scheme: 'xxh64' | 'crc32c')");
+  }
+  const DigestScheme scheme = DigestSchemeArg(env, info[2], "chunkChecksums");
   const double chunkBytes = info[1].As<Napi::Number>().DoubleValue();
   if (!(chunkBytes >= 1 && chunkBytes <= 9.0e15) || chunkBytes != static_cast<double>(static_cast<uint64_t>(chunkBytes))) {
     throw Napi::RangeError::New(env, "chunkChecksums: chunkBytes must be a positive integer");
   }
-  return (new ChunkChecksumsWorker(env, info[0].As<Napi::Array>(), static_cast<uint64_t>(chunkBytes)))->Start();
+  return (new ChunkChecksumsWorker(env, info[0].As<Napi::Array>(), static_cast<uint64_t>(chunkBytes), scheme))->Start();
 }
 
 Napi::Value Checksum(const Napi::CallbackInfo& info) {
-  if (!info[0].IsArray()) throw Napi::TypeError::New(info.Env(), "checksum(parts: Uint8Array[])");
-  return (new ChecksumWorker(info.Env(), info[0].As<Napi::Array>()))->Start();
+  Napi::Env env = info.Env();
+  if (!info[0].IsArray()) throw Napi::TypeError::New(env, "checksum(parts: Uint8Array[], scheme: 'xxh64' | 'crc32c')");
+  const DigestScheme scheme = DigestSchemeArg(env, info[1], "checksum");
+  return (new ChecksumWorker(env, info[0].As<Napi::Array>(), scheme))->Start();
+}
+
+Napi::Value Crc32cImplementationName(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), Crc32cImplementation());
 }
 
 }  // namespace kvstash

@@ -694,8 +694,8 @@ Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
   return (new StateImportWorker(env, this, bytes, seq))->Start();
 }
 
-// Reads a file region, verifies it against its chunk digests (lib/cache/entry.ts: format 2 hashes
-// 64 KiB chunks, format 1 is one chunk) and imports a sub-range as sequence state, all off the main
+// Reads a file region, verifies it against its chunk digests (lib/cache/entry.ts: formats 2 and 3
+// hash 64 KiB chunks, format 1 is one chunk) and imports a sub-range as sequence state, all off the main
 // thread. lib/cache decides what the ranges mean; this guarantees that llama.cpp reads no byte
 // before it is verified, and that an import fails as a whole when any chunk does. Reading,
 // checking and importing overlap (StateReadGate): about one pass over the bytes instead of three.
@@ -703,10 +703,10 @@ class StateImportVerifiedFileWorker : public ContextWorker {
  public:
   StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
                                 uint64_t checkedLength, uint64_t chunkBytes, std::vector<uint8_t> digests,
-                                uint64_t payloadOffset, uint64_t payloadLength, ScratchBuffer* scratch, HelperThread* reader)
+                                DigestScheme scheme, uint64_t payloadOffset, uint64_t payloadLength, ScratchBuffer* scratch, HelperThread* reader)
       : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
         checkedLength_(checkedLength), chunkBytes_(chunkBytes), digests_(std::move(digests)),
-        payloadOffset_(payloadOffset), payloadLength_(payloadLength), scratch_(scratch), reader_(reader) {}
+        scheme_(scheme), payloadOffset_(payloadOffset), payloadLength_(payloadLength), scratch_(scratch), reader_(reader) {}
 
  protected:
   void Work(llama_context* ctx) override {
@@ -723,7 +723,7 @@ class StateImportVerifiedFileWorker : public ContextWorker {
     bool verified = false;
     std::string readError;
     {
-      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_, *reader_);
+      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_, scheme_, *reader_);
       read = seq_ < 0 ? llama_state_set_data(ctx, buffer + payloadOffset_, payloadLength_)
                       : llama_state_seq_set_data(ctx, buffer + payloadOffset_, payloadLength_, seq_);
       // Every chunk, also those llama.cpp did not need to read (the header's).
@@ -750,27 +750,30 @@ class StateImportVerifiedFileWorker : public ContextWorker {
   llama_seq_id seq_;
   uint64_t checkedLength_, chunkBytes_;
   std::vector<uint8_t> digests_;
+  DigestScheme scheme_;
   uint64_t payloadOffset_, payloadLength_;
   ScratchBuffer* scratch_;
   HelperThread* reader_;
 };
 
-// importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests: Uint8Array, payloadOffset,
-//                         payloadLength) -> Promise<void>
-// `digests`: the little-endian XXH64 of each chunk of [0, checkedLength), as ChunkDigests().
+// importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests: Uint8Array, scheme,
+//                         payloadOffset, payloadLength) -> Promise<void>
+// `digests`: the little-endian digest of each chunk of [0, checkedLength), as ChunkDigests() with
+// `scheme` ('xxh64' | 'crc32c').
 Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireIdle(env);
   if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsNumber() || !info[4].IsTypedArray() ||
-      info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[5].IsNumber() || !info[6].IsNumber()) {
-    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, payloadOffset, payloadLength)");
+      info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[6].IsNumber() || !info[7].IsNumber()) {
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength)");
   }
+  const DigestScheme scheme = DigestSchemeArg(env, info[5], "importVerifiedStateFile");
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
   const double checked = info[2].As<Napi::Number>().DoubleValue();
   const double chunkBytes = info[3].As<Napi::Number>().DoubleValue();
   Napi::Uint8Array digests = info[4].As<Napi::Uint8Array>();
-  const double offset = info[5].As<Napi::Number>().DoubleValue();
-  const double length = info[6].As<Napi::Number>().DoubleValue();
+  const double offset = info[6].As<Napi::Number>().DoubleValue();
+  const double length = info[7].As<Napi::Number>().DoubleValue();
   auto isCount = [](double v) { return v >= 0 && v <= 9.0e15 && v == static_cast<double>(static_cast<uint64_t>(v)); };
   if (!isCount(checked) || !isCount(offset) || !isCount(length) || length == 0 || offset + length > checked) {
     throw Napi::RangeError::New(env, "importVerifiedStateFile: the payload must lie inside the checked range");
@@ -785,7 +788,7 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   importReader_.Prewake(std::chrono::microseconds(2000));
   BeginOperation(env);
   return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
-                                            static_cast<uint64_t>(chunkBytes), std::move(expected),
+                                            static_cast<uint64_t>(chunkBytes), std::move(expected), scheme,
                                             static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
                                             &importScratch_, &importReader_))
       ->Start();

@@ -19,13 +19,14 @@ thread_local StateReadGate* currentGate = nullptr;
 }  // namespace
 
 StateReadGate::StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests,
-                             HelperThread& reader)
+                             DigestScheme scheme, HelperThread& reader)
     : fd_(fd),
       buffer_(buffer),
       length_(length),
       chunkBytes_(chunkBytes),
       chunks_(ChunkCount(length, chunkBytes)),
       digests_(digests),
+      scheme_(scheme),
       states_(new std::atomic<uint8_t>[chunks_]),
       previous_(currentGate),
       reader_(reader) {
@@ -76,7 +77,7 @@ void StateReadGate::ReadAndCheck(uint64_t first, uint64_t count) {
     if (matches) {
       const uint64_t chunkBegin = index * chunkBytes_, chunkEnd = std::min(length_, chunkBegin + chunkBytes_);
       const ByteSpan chunk{buffer_ + chunkBegin, static_cast<size_t>(chunkEnd - chunkBegin)};
-      matches = ChunkDigest(&chunk, 1, 0, chunk.size, index) == LoadDigest(digests_.data(), index);
+      matches = ChunkDigest(&chunk, 1, 0, chunk.size, index, scheme_) == LoadDigest(digests_.data(), index);
     }
     if (!matches) failed_ = true;
     states_[index].store(matches ? kVerified : kFailed, std::memory_order_release);

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/Checksum.h"
 #include "common/HelperThread.h"
 
 extern "C" bool kvstash_state_read_gate(const void* data, size_t size);
@@ -35,11 +36,11 @@ namespace kvstash {
 class StateReadGate {
  public:
   // Starts reading bytes [0, length) of `fd` into `buffer` and checking them in chunks of
-  // `chunkBytes` against `digests` (8 bytes, little-endian, per chunk, chunk i hashed with seed i:
-  // the entry format's digest table), and becomes the gate of the calling thread's state reads
-  // until it is destroyed.
+  // `chunkBytes` against `digests` (8 bytes, little-endian, per chunk, as ChunkDigest() with
+  // `scheme`: the entry format's digest table), and becomes the gate of the calling thread's state
+  // reads until it is destroyed.
   StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests,
-                HelperThread& reader);
+                DigestScheme scheme, HelperThread& reader);
   ~StateReadGate();
   StateReadGate(const StateReadGate&) = delete;
   StateReadGate& operator=(const StateReadGate&) = delete;
@@ -70,6 +71,7 @@ class StateReadGate {
   uint8_t* buffer_;
   uint64_t length_, chunkBytes_, chunks_;
   const std::vector<uint8_t>& digests_;
+  DigestScheme scheme_;
   std::unique_ptr<std::atomic<uint8_t>[]> states_;
   std::atomic<bool> failed_{false}, stop_{false};
   std::atomic<int> readErrno_{0};  // 0: none; -1: the file ended early

@@ -2,28 +2,32 @@
  * The kvstash cache entry: a backend's state bytes wrapped with everything needed to decide,
  * before a single byte reaches the backend, whether they may be loaded here.
  *
- * Layout of format version 2, the one written (all integers little-endian):
+ * Layout of format version 3, the one written (all integers little-endian):
  *
  *   offset    size  field
  *   0         8     magic "KVSTASH\0"
- *   8         4     format version (u32, 2)
+ *   8         4     format version (u32, 3)
  *   12        4     header length H (u32)
  *   16        H     header: UTF-8 JSON (EntryHeader; `checksumChunkBytes` = C)
  *   16+H      pad   zero bytes up to the next multiple of 64 (the payload offset P)
  *   P         L     payload: L = header.payloadBytes state bytes
- *   P+L       8N    chunk digests: N = ceil((P+L) / C); digest i is the XXH64 with seed i of bytes
- *                   [i*C, min((i+1)*C, P+L)) (u64 each)
- *   P+L+8N    8     XXH64 (seed 0) of the N digests: the entry's checksum (u64)
+ *   P+L       8N    chunk digests: N = ceil((P+L) / C); digest i is the CRC-32C of the chunk's index
+ *                   i as 8 bytes (u64) followed by bytes [i*C, min((i+1)*C, P+L)) (u64 each, high
+ *                   32 bits zero)
+ *   P+L+8N    8     CRC-32C of the N digests (the 8N bytes): the entry's checksum (u64, high 32 bits zero)
  *   P+L+8N+8  8     trailer magic "KVSTEND\0"
  *
  * Why chunks: a restore checks chunks on two threads while llama.cpp imports the ones already
- * checked (binding/llama/StateReadGate.h), instead of one sequential XXH64 pass before the import.
+ * checked (binding/llama/StateReadGate.h), instead of one sequential pass before the import.
  * Writers use C = 64 KiB: llama.cpp reads a few bytes of every layer's header before it copies any
- * bulk, and each such read needs its whole chunk checked first.
+ * bulk, and each such read needs its whole chunk checked first. The index in each digest makes
+ * chunks swapped along with their digests fail. Why CRC-32C: binding/common/Crc32c.h.
  *
- * Format version 1 (still read): the same up to the payload, then one XXH64 (seed 0) of bytes
- * [0, P+L) and the trailer magic, and no `checksumChunkBytes` — the same as version 2's single
- * digest when C >= P+L, so both are verified by the same code.
+ * Older formats, still read:
+ * - Format 2: the same layout with XXH64 in place of CRC-32C: digest i is the XXH64 with seed i of
+ *   chunk i (no index bytes), the checksum the XXH64 (seed 0) of the digests.
+ * - Format 1: the same up to the payload, then one XXH64 (seed 0) of bytes [0, P+L) and the trailer
+ *   magic, and no `checksumChunkBytes`: format 2's digest of a single chunk, verified by the same code.
  *
  * A file whose size is not exactly what its header describes, whose magics, version or header do
  * not parse, or whose checksums differ is corrupt (E_CACHE_CORRUPT). A well-formed entry made by
@@ -31,21 +35,23 @@
  */
 import { createHash } from 'node:crypto';
 import fsp from 'node:fs/promises';
-import { native } from '../binding.js';
+import { native, type DigestScheme } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 
 export const ENTRY_MAGIC = Buffer.from('KVSTASH\0', 'latin1');
 export const ENTRY_TRAILER = Buffer.from('KVSTEND\0', 'latin1');
-export const ENTRY_VERSION = 2;
-/** The chunk size writers use for the chunk digests (format 2). */
+export const ENTRY_VERSION = 3;
+/** How each format computes its digests (binding/common/Checksum.h). */
+const DIGEST_SCHEMES: Record<number, DigestScheme> = { 1: 'xxh64', 2: 'xxh64', 3: 'crc32c' };
+/** The chunk size writers use for the chunk digests. */
 export const CHECKSUM_CHUNK_BYTES = 1 << 16;
 export const ENTRY_EXTENSION = '.kvstash';
 const PREAMBLE_BYTES = 16;
 /** The trailer after the digests: the table's own checksum and the trailer magic. */
 const TRAILER_BYTES = 16;
 const DIGEST_BYTES = 8;
-/** Bounds on a format 2 entry's chunk size: powers of two, from a page to 1 GiB. */
+/** Bounds on a chunked entry's chunk size: powers of two, from a page to 1 GiB. */
 const MIN_CHUNK_BYTES = 4096;
 const MAX_CHUNK_BYTES = 1 << 30;
 const PAYLOAD_ALIGNMENT = 64;
@@ -78,7 +84,7 @@ export interface EntryHeader {
   label: string | null;
   createdAt: string;
   payloadBytes: number;
-  /** Format 2: the size of the checksummed chunks. Set by the writer (writeEntry, encodeEntry). */
+  /** Formats 2 and 3: the size of the checksummed chunks. Set by the writer (writeEntry, encodeEntry). */
   checksumChunkBytes?: number;
 }
 
@@ -87,8 +93,10 @@ export interface EntryFile {
   header: EntryHeader;
   /** Identity of the entry: the same model, layout and tokens give the same key. */
   key: string;
-  /** The format version the file was written in (1 or 2). */
+  /** The format version the file was written in (1, 2 or 3). */
   version: number;
+  /** How its digests and checksum are computed: 'crc32c' in format 3, 'xxh64' before. */
+  digestScheme: DigestScheme;
   payloadOffset: number;
   /** Bytes covered by the chunk digests: [0, checkedLength). */
   checkedLength: number;
@@ -96,7 +104,7 @@ export interface EntryFile {
   chunkBytes: number;
   /** The chunk digests as stored: 8 bytes (u64 LE) per chunk. Format 1: its one checksum. */
   chunkDigests: Buffer;
-  /** The entry's checksum: format 2, the XXH64 of the digests (verified); format 1, its one XXH64. */
+  /** The entry's checksum: formats 2 and 3, that of the digests (verified); format 1, its one XXH64. */
   checksum: bigint;
   fileSize: number;
 }
@@ -106,13 +114,14 @@ export interface VerifiedRanges {
   checkedLength: number;
   chunkBytes: number;
   chunkDigests: Uint8Array;
+  digestScheme: DigestScheme;
   payloadOffset: number;
   payloadBytes: number;
 }
 
 export function verifiedRanges(entry: EntryFile): VerifiedRanges {
-  const { checkedLength, chunkBytes, chunkDigests, payloadOffset } = entry;
-  return { checkedLength, chunkBytes, chunkDigests, payloadOffset, payloadBytes: entry.header.payloadBytes };
+  const { checkedLength, chunkBytes, chunkDigests, digestScheme, payloadOffset } = entry;
+  return { checkedLength, chunkBytes, chunkDigests, digestScheme, payloadOffset, payloadBytes: entry.header.payloadBytes };
 }
 
 /** The key of an entry: a hash of what makes two entries interchangeable. */
@@ -149,10 +158,11 @@ async function encodeParts(header: EntryHeader, payload: Uint8Array, options: Wr
   head.writeUInt32LE(ENTRY_VERSION, 8);
   head.writeUInt32LE(json.length, 12);
   json.copy(head, PREAMBLE_BYTES);
-  const digests = await native().chunkChecksums([head, payload], chunkBytes);
+  const scheme = DIGEST_SCHEMES[ENTRY_VERSION]!;
+  const digests = await native().chunkChecksums([head, payload], chunkBytes, scheme);
   const tail = Buffer.alloc(digests.length + TRAILER_BYTES);
   digests.copy(tail, 0);
-  tail.writeBigUInt64LE(await native().checksum([digests]), digests.length);
+  tail.writeBigUInt64LE(await native().checksum([digests], scheme), digests.length);
   ENTRY_TRAILER.copy(tail, digests.length + DIGEST_BYTES);
   return [head, payload, tail];
 }
@@ -184,7 +194,7 @@ interface EntryLayoutFacts {
   payloadOffset: number;
   checkedLength: number;
   chunkBytes: number;
-  /** Bytes after the checked range: digests (format 2) and trailer. */
+  /** Bytes after the checked range: digests (formats 2 and 3) and trailer. */
   tailBytes: number;
 }
 
@@ -193,7 +203,7 @@ function parseHead(source: string, start: Buffer, fileSize: number): EntryLayout
   if (fileSize < PREAMBLE_BYTES + TRAILER_BYTES || start.length < PREAMBLE_BYTES) throw corrupt(source, `only ${fileSize} bytes long`);
   if (!start.subarray(0, 8).equals(ENTRY_MAGIC)) throw corrupt(source, 'it does not start with the kvstash magic');
   const version = start.readUInt32LE(8);
-  if (version !== 1 && version !== ENTRY_VERSION) throw corrupt(source, `format version ${version}, this kvstash reads versions 1 and ${ENTRY_VERSION}`);
+  if (!(version in DIGEST_SCHEMES)) throw corrupt(source, `format version ${version}, this kvstash reads versions 1 to ${ENTRY_VERSION}`);
   const headerBytes = start.readUInt32LE(12);
   if (headerBytes > MAX_HEADER_BYTES || PREAMBLE_BYTES + headerBytes > fileSize) throw corrupt(source, 'its header length runs past the file');
   let header: EntryHeader;
@@ -208,7 +218,7 @@ function parseHead(source: string, start: Buffer, fileSize: number): EntryLayout
   const checkedLength = payloadOffset + header.payloadBytes;
   let chunkBytes = checkedLength;
   let tailBytes = TRAILER_BYTES;
-  if (version === 2) {
+  if (version >= 2) {
     if (!isValidChunkSize(header.checksumChunkBytes)) throw corrupt(source, 'its checksum chunk size is not a power of two from 4 KiB to 1 GiB');
     chunkBytes = header.checksumChunkBytes;
     tailBytes = DIGEST_BYTES * chunkCount(checkedLength, chunkBytes) + TRAILER_BYTES;
@@ -226,11 +236,23 @@ async function parseTail(source: string, facts: EntryLayoutFacts, tail: Buffer):
   const checksum = tail.readBigUInt64LE(digestBytes);
   // Copied: the digests outlive the buffer they were read into (which may be a whole entry).
   const chunkDigests = Buffer.from(facts.version === 1 ? tail.subarray(0, DIGEST_BYTES) : tail.subarray(0, digestBytes));
-  if (facts.version === 2 && (await native().checksum([chunkDigests])) !== checksum) {
+  const digestScheme = DIGEST_SCHEMES[facts.version]!;
+  if (facts.version >= 2 && (await native().checksum([chunkDigests], digestScheme)) !== checksum) {
     throw corrupt(source, 'its checksum does not match its chunk digests');
   }
   const { version, header, payloadOffset, checkedLength, chunkBytes } = facts;
-  return { header, key: entryKey(header), version, payloadOffset, checkedLength, chunkBytes, chunkDigests, checksum, fileSize: checkedLength + facts.tailBytes };
+  return {
+    header,
+    key: entryKey(header),
+    version,
+    digestScheme,
+    payloadOffset,
+    checkedLength,
+    chunkBytes,
+    chunkDigests,
+    checksum,
+    fileSize: checkedLength + facts.tailBytes,
+  };
 }
 
 function headerProblem(h: EntryHeader): string | null {
@@ -278,7 +300,7 @@ export async function readEntryFile(file: string): Promise<EntryFile> {
 export async function decodeEntry(source: string, bytes: Buffer): Promise<{ entry: EntryFile; payload: Buffer }> {
   const facts = parseHead(source, bytes, bytes.length);
   const entry = await parseTail(source, facts, bytes.subarray(bytes.length - facts.tailBytes));
-  const actual = await native().chunkChecksums([bytes.subarray(0, entry.checkedLength)], entry.chunkBytes);
+  const actual = await native().chunkChecksums([bytes.subarray(0, entry.checkedLength)], entry.chunkBytes, entry.digestScheme);
   if (!actual.equals(entry.chunkDigests)) throw corrupt(source, 'its checksum does not match its bytes');
   return { entry, payload: bytes.subarray(entry.payloadOffset, entry.checkedLength) };
 }

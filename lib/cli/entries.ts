@@ -86,7 +86,9 @@ export interface InspectReport {
   payloadOffset: number;
   /** The entry format version of the file (lib/cache/entry.ts). */
   formatVersion: number;
-  /** The entry's checksum stored in the file, hex: format 2, the XXH64 of its chunk digests. */
+  /** How the entry's digests are computed: 'crc32c' (format 3) or 'xxh64' (formats 1 and 2). */
+  digestScheme: string;
+  /** The entry's checksum stored in the file, hex: formats 2 and 3, that of its chunk digests. */
   checksum: string;
   /** How many separately hashed chunks the checked bytes form (format 1: one). */
   chunks: number;
@@ -111,7 +113,8 @@ async function runInspect(flags: Flags<typeof INSPECT_FLAGS>, _io: CommandIo, [r
     header: entry.header,
     payloadOffset: entry.payloadOffset,
     formatVersion: entry.version,
-    checksum: entry.checksum.toString(16).padStart(16, '0'),
+    digestScheme: entry.digestScheme,
+    checksum: entry.checksum.toString(16).padStart(entry.digestScheme === 'crc32c' ? 8 : 16, '0'),
     chunks: entry.chunkDigests.length / 8,
     check,
   };
@@ -176,7 +179,7 @@ function printInspect(r: InspectReport): void {
         : 'not shown: --model is not the model that made this entry (its fingerprint differs)',
     ]);
   }
-  rows.push(['Check', r.check.ok ? `checksum ok (format ${r.formatVersion}, XXH64 ${r.checksum}, ${r.chunks} chunk${r.chunks === 1 ? '' : 's'} checked, every byte read)` : `FAILED: ${r.check.message}`]);
+  rows.push(['Check', r.check.ok ? `checksum ok (format ${r.formatVersion}, ${r.digestScheme === 'crc32c' ? 'CRC-32C' : 'XXH64'} ${r.checksum}, ${r.chunks} chunk${r.chunks === 1 ? '' : 's'} checked, every byte read)` : `FAILED: ${r.check.message}`]);
   process.stdout.write(`${fields(rows)}\n`);
 }
 

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
-import type { NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
+import type { DigestScheme, NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { replaceFileAtomic } from '../util/atomic-file.js';
 import { requireInteger, requireString, toInt32Array } from '../util/validate.js';
@@ -200,13 +200,20 @@ export class Context {
 
   /**
    * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies each chunk of
-   * `chunkBytes` against its XXH64 in `chunkDigests` (the entry format's digest table), and imports
+   * `chunkBytes` against its digest in `chunkDigests` (the entry format's digest table), and imports
    * [payloadOffset, payloadOffset + payloadBytes) as state. llama.cpp reads no byte before it is
    * verified, and the import fails (the sequence emptied) when any chunk does.
    */
   importVerifiedFile(
     file: string,
-    ranges: { checkedLength: number; chunkBytes: number; chunkDigests: Uint8Array; payloadOffset: number; payloadBytes: number },
+    ranges: {
+      checkedLength: number;
+      chunkBytes: number;
+      chunkDigests: Uint8Array;
+      digestScheme: DigestScheme;
+      payloadOffset: number;
+      payloadBytes: number;
+    },
     options: SequenceOptions = {},
   ): Promise<void> {
     return this.enqueue(undefined, async () => {
@@ -218,6 +225,7 @@ export class Context {
           ranges.checkedLength,
           ranges.chunkBytes,
           ranges.chunkDigests,
+          ranges.digestScheme,
           ranges.payloadOffset,
           ranges.payloadBytes,
         );
