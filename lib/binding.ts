@@ -105,7 +105,9 @@ export interface NativeContext {
     scheme: DigestScheme,
     payloadOffset: number,
     payloadLength: number,
-  ): Promise<void>;
+    /** False: the helper thread does not read ahead, and every bulk chunk is read straight from the file. */
+    readAhead: boolean,
+  ): Promise<{ chunks: number; bouncedChunks: number }>;
   dispose(): void;
 }
 

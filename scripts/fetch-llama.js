@@ -78,6 +78,41 @@ const EDITS = [
       'if (kvstash_state_read_gate && !kvstash_state_read_gate(ptr, size)) throw std::runtime_error("kvstash: the state bytes failed verification"); // kvstash\n' +
       '        memcpy(dst, ptr, size);',
   },
+  {
+    // The bulk of a state (the K and V rows) is copied by the destructor's flush, after llama.cpp
+    // has read every layer's header. Through the gate alone, those bytes cross memory three times:
+    // the file into the whole-entry buffer, the buffer through the hash, the buffer into the KV
+    // cache. With this hook the gate is handed all the deferred copies at once and does them per
+    // chunk: a chunk nobody has read yet is read into a small buffer that stays in the CPU cache,
+    // checked there and copied into the KV cache on two threads (StateReadGate::FlushReads); only
+    // verified bytes are copied. It is declared before the gate's declaration (edit 2), so that
+    // edit's text stays whole. False from the hook (no verified restore running, or a tensor not in
+    // host memory) leaves the flush as it was.
+    file: 'src/llama-context.cpp',
+    find: '// kvstash: may llama.cpp read these state bytes yet?',
+    replace:
+      '// kvstash: the deferred tensor copies of a verified restore, done by kvstash; false when it does\n' +
+      '// not take them (scripts/fetch-llama.js). dst is null for a tensor outside host memory.\n' +
+      'struct kvstash_tensor_read { const void * src; void * dst; size_t size; };\n' +
+      'extern "C" bool kvstash_state_read_tensors(const kvstash_tensor_read * reads, size_t count) __attribute__((weak));\n\n' +
+      '// kvstash: may llama.cpp read these state bytes yet?',
+  },
+  {
+    file: 'src/llama-context.cpp',
+    after: 'class llama_io_read_host : public llama_io_read_i {',
+    find: '        // flush the reads\n',
+    replace:
+      '        // flush the reads\n' +
+      '        if (kvstash_state_read_tensors && !rinfos.empty()) { // kvstash\n' +
+      '            std::vector<kvstash_tensor_read> reads;\n' +
+      '            reads.reserve(rinfos.size());\n' +
+      '            for (const auto & rinfo : rinfos) {\n' +
+      '                const bool host = rinfo.tensor->buffer != nullptr && ggml_backend_buffer_is_host(rinfo.tensor->buffer);\n' +
+      '                reads.push_back({rinfo.ptr, host ? (uint8_t *) rinfo.tensor->data + rinfo.offset : nullptr, rinfo.size});\n' +
+      '            }\n' +
+      '            if (kvstash_state_read_tensors(reads.data(), reads.size())) return;\n' +
+      '        }\n',
+  },
 ];
 
 const root = path.resolve(__dirname, '..');

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { native } from '../lib/binding.js';
-import { ENTRY_VERSION, writeEntry } from '../lib/cache/entry.js';
+import { ENTRY_VERSION, verifiedRanges, writeEntry } from '../lib/cache/entry.js';
 import { DirectoryStore, generate, loadModel, PromptCache, readEntryFile, readVerifiedEntry, type Context, type Model } from '../lib/index.js';
 import { bitIdentical, maxAbsDiff, promptTokens, tinyModel, skipUnderEmulation } from './helpers/fixtures.js';
 
@@ -227,6 +227,27 @@ t.test('every chunk of an entry is verified before it loads; entries of formats 
     t.equal(rejected.restored.cachedTokens, 0, `byte ${offset} (chunk ${Math.floor(offset / 4096)}) flipped: nothing restored`);
     t.match(rejected.problems, [{ code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }]);
   }
+  // The flush that reads bulk chunks straight from the file into the KV cache (no read-ahead, so
+  // every chunk that llama.cpp's headers did not need goes that way): the same logits, and a
+  // flipped byte in such a chunk is caught before it is copied.
+  const straight = async (bytes: Buffer) => {
+    const file = path.join(t.testdir(), 'straight.kvstash');
+    fs.writeFileSync(file, bytes);
+    await context.exclusive(() => context.memory.clear());
+    const counts = await context.importVerifiedFile(file, verifiedRanges(await readEntryFile(file)), { sequence: 0, readAhead: false });
+    await context.decode(prompt.subarray(prefix.length), { sequence: 0, start: prefix.length });
+    return { counts, logits: context.logits() };
+  };
+  const direct = await straight(good);
+  t.equal(direct.counts.chunks, chunks);
+  t.ok(direct.counts.bouncedChunks >= chunks / 2, `${direct.counts.bouncedChunks} of ${chunks} chunks copied straight from the file`);
+  t.ok(bitIdentical(direct.logits, cold), 'straight from the file: bit-identical to a cold prefill');
+  const lastChunk = Math.floor((small.checkedLength - 1) / 4096);
+  const bulkFlipped = Buffer.from(good);
+  bulkFlipped[(lastChunk - 1) * 4096 + 100] ^= 0x10;
+  await t.rejects(straight(bulkFlipped), { code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }, 'a flipped byte in a bulk chunk');
+  t.same(await context.exclusive(() => context.memory.range(0)), { min: -1, max: -1 }, 'and nothing of that import stays in the sequence');
+
   // The file cut short after its structure was read (another program truncating it in place): the
   // import's own read finds the end early, fails as a whole and leaves the sequence empty.
   const cut = path.join(t.testdir(), 'cut.kvstash');

@@ -703,10 +703,11 @@ class StateImportVerifiedFileWorker : public ContextWorker {
  public:
   StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
                                 uint64_t checkedLength, uint64_t chunkBytes, std::vector<uint8_t> digests,
-                                DigestScheme scheme, uint64_t payloadOffset, uint64_t payloadLength, ScratchBuffer* scratch, HelperThread* reader)
+                                DigestScheme scheme, uint64_t payloadOffset, uint64_t payloadLength, bool readAhead,
+                                ScratchBuffer* scratch, HelperThread* reader)
       : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
         checkedLength_(checkedLength), chunkBytes_(chunkBytes), digests_(std::move(digests)),
-        scheme_(scheme), payloadOffset_(payloadOffset), payloadLength_(payloadLength), scratch_(scratch), reader_(reader) {}
+        scheme_(scheme), payloadOffset_(payloadOffset), payloadLength_(payloadLength), readAhead_(readAhead), scratch_(scratch), reader_(reader) {}
 
  protected:
   void Work(llama_context* ctx) override {
@@ -723,12 +724,13 @@ class StateImportVerifiedFileWorker : public ContextWorker {
     bool verified = false;
     std::string readError;
     {
-      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_, scheme_, *reader_);
+      StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_, scheme_, *reader_, readAhead_);
       read = seq_ < 0 ? llama_state_set_data(ctx, buffer + payloadOffset_, payloadLength_)
                       : llama_state_seq_set_data(ctx, buffer + payloadOffset_, payloadLength_, seq_);
       // Every chunk, also those llama.cpp did not need to read (the header's).
       verified = gate.AllVerified();
       readError = gate.ReadError();
+      bounced_ = gate.BouncedChunks();
       if (read != 0 && !gate.Consulted()) {
         // CMakeLists.txt refuses such a tree; this is the check that it did.
         throw NativeError("E_NATIVE", "this build's llama.cpp lacks kvstash's read gate (scripts/fetch-llama.js): rebuild");
@@ -745,6 +747,13 @@ class StateImportVerifiedFileWorker : public ContextWorker {
     }
   }
 
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("chunks", static_cast<double>(ChunkCount(checkedLength_, chunkBytes_)));
+    result.Set("bouncedChunks", static_cast<double>(bounced_));
+    return result;
+  }
+
  private:
   std::string path_;
   llama_seq_id seq_;
@@ -752,20 +761,24 @@ class StateImportVerifiedFileWorker : public ContextWorker {
   std::vector<uint8_t> digests_;
   DigestScheme scheme_;
   uint64_t payloadOffset_, payloadLength_;
+  bool readAhead_;
+  uint64_t bounced_ = 0;
   ScratchBuffer* scratch_;
   HelperThread* reader_;
 };
 
 // importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests: Uint8Array, scheme,
-//                         payloadOffset, payloadLength) -> Promise<void>
+//                         payloadOffset, payloadLength, readAhead: boolean)
+//   -> Promise<{chunks, bouncedChunks}>
 // `digests`: the little-endian digest of each chunk of [0, checkedLength), as ChunkDigests() with
 // `scheme` ('xxh64' | 'crc32c').
 Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireIdle(env);
   if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsNumber() || !info[4].IsTypedArray() ||
-      info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[6].IsNumber() || !info[7].IsNumber()) {
-    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength)");
+      info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[6].IsNumber() || !info[7].IsNumber() ||
+      !info[8].IsBoolean()) {
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength, readAhead)");
   }
   const DigestScheme scheme = DigestSchemeArg(env, info[5], "importVerifiedStateFile");
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
@@ -790,7 +803,7 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
                                             static_cast<uint64_t>(chunkBytes), std::move(expected), scheme,
                                             static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
-                                            &importScratch_, &importReader_))
+                                            info[8].As<Napi::Boolean>().Value(), &importScratch_, &importReader_))
       ->Start();
 }
 

@@ -13,9 +13,17 @@
 // The on-the-spot work matters because llama.cpp first reads small fields spread over the whole
 // state (each layer's type and row size) and copies the bulk only afterwards.
 //
-// What is hashed is the buffer llama.cpp reads, after the copy from the file: a file changed
+// llama.cpp defers the bulk copies (the K and V rows) to the end and hands them all to FlushReads
+// (the second hook, kvstash_state_read_tensors). There both threads take chunks in turn: a chunk
+// already in the buffer is copied from it; a chunk nobody has read is read into a small per-thread
+// bounce buffer, checked there and copied into the KV cache from it. The bounce buffer stays in
+// the CPU cache, so those bytes cross main memory twice (file in, KV cache out) instead of four
+// times (file into the buffer, buffer through the hash, buffer out, KV cache in).
+//
+// What is hashed is always the copy that is then used, after it left the file: a file changed
 // meanwhile cannot slip bytes past the check. A chunk that fails stops llama.cpp before it reads a
-// byte of it (the import fails); the caller clears what the import had added.
+// byte of it and is never copied into the KV cache (the import fails); the caller clears what the
+// import had added.
 #pragma once
 
 #include <atomic>
@@ -30,6 +38,14 @@
 #include "common/HelperThread.h"
 
 extern "C" bool kvstash_state_read_gate(const void* data, size_t size);
+// The same struct as in kvstash's edit of llama.cpp (scripts/fetch-llama.js): one deferred copy of
+// `size` state bytes at `src` into host memory at `dst` (null: not host memory).
+struct kvstash_tensor_read {
+  const void* src;
+  void* dst;
+  size_t size;
+};
+extern "C" bool kvstash_state_read_tensors(const kvstash_tensor_read* reads, size_t count);
 
 namespace kvstash {
 
@@ -39,8 +55,10 @@ class StateReadGate {
   // `chunkBytes` against `digests` (8 bytes, little-endian, per chunk, as ChunkDigest() with
   // `scheme`: the entry format's digest table), and becomes the gate of the calling thread's state
   // reads until it is destroyed.
+  // `readAhead` false keeps the helper out until the flush (so every bulk chunk takes the bounce
+  // path: the tests use it to reach that path on small states).
   StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t chunkBytes, const std::vector<uint8_t>& digests,
-                DigestScheme scheme, HelperThread& reader);
+                DigestScheme scheme, HelperThread& reader, bool readAhead = true);
   ~StateReadGate();
   StateReadGate(const StateReadGate&) = delete;
   StateReadGate& operator=(const StateReadGate&) = delete;
@@ -51,8 +69,15 @@ class StateReadGate {
   // Returns once [data, data + size) is verified; false when a chunk it covers failed. Bytes
   // outside the buffer are not this gate's: they pass.
   bool Admit(const uint8_t* data, size_t size);
+  // Does llama.cpp's deferred copies (in buffer order) from verified bytes only, on this thread
+  // and the helper; true when it took them (the import then fails if a chunk failed). False, and
+  // nothing done, when they are not all from the buffer into host memory: llama.cpp then copies
+  // them itself, each through Admit().
+  bool FlushReads(const kvstash_tensor_read* reads, size_t count);
   // Whether llama.cpp asked the gate at all (a tree without kvstash's edit never does).
   bool Consulted() const { return consulted_; }
+  // How many chunks the flush read straight from the file through a bounce buffer.
+  uint64_t BouncedChunks() const { return bounced_.load(); }
   // Why a chunk failed: empty for a checksum mismatch, else the read error.
   std::string ReadError() const;
 
@@ -66,6 +91,14 @@ class StateReadGate {
   static constexpr uint64_t kClaimAheadChunks = 32;
   // Reads chunks [first, first + count), claimed by the caller, and marks each verified or failed.
   void ReadAndCheck(uint64_t first, uint64_t count);
+  // Reads [begin, end) of the file into `into`; false (readErrno_ set) when it cannot.
+  bool ReadRange(uint64_t begin, uint64_t end, uint8_t* into);
+  // Takes chunks of the flush until none is left or one failed (both threads run it).
+  void FlushWork();
+  // Copies the parts of the flush's reads that lie in chunk `index`, verified first.
+  void FlushChunk(uint64_t index);
+  // Chunks larger than this are not bounced (format 1's single chunk): they go through the buffer.
+  static constexpr uint64_t kMaxBounceBytes = 1 << 20;
 
   int fd_;
   uint8_t* buffer_;
@@ -76,6 +109,12 @@ class StateReadGate {
   std::atomic<bool> failed_{false}, stop_{false};
   std::atomic<int> readErrno_{0};  // 0: none; -1: the file ended early
   bool consulted_ = false;         // only the importing thread touches it
+  // The flush: its reads (sorted by source), the next chunk to take, the chunks finished.
+  const kvstash_tensor_read* flushReads_ = nullptr;
+  size_t flushCount_ = 0;
+  uint64_t flushEnd_ = 0;
+  std::atomic<uint64_t> flushNext_{0}, flushDone_{0}, bounced_{0};
+  std::atomic<bool> flushing_{false};
   StateReadGate* previous_;
   HelperThread& reader_;
   bool readerStarted_ = false;

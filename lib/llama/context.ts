@@ -202,7 +202,9 @@ export class Context {
    * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies each chunk of
    * `chunkBytes` against its digest in `chunkDigests` (the entry format's digest table), and imports
    * [payloadOffset, payloadOffset + payloadBytes) as state. llama.cpp reads no byte before it is
-   * verified, and the import fails (the sequence emptied) when any chunk does.
+   * verified, and the import fails (the sequence emptied) when any chunk does. Resolves with how
+   * many chunks there were and how many were copied straight from the file into the KV cache
+   * (binding/llama/StateReadGate.h); `readAhead: false` (for tests) sends every bulk chunk that way.
    */
   importVerifiedFile(
     file: string,
@@ -214,12 +216,12 @@ export class Context {
       payloadOffset: number;
       payloadBytes: number;
     },
-    options: SequenceOptions = {},
-  ): Promise<void> {
+    options: SequenceOptions & { readAhead?: boolean } = {},
+  ): Promise<{ chunks: number; bouncedChunks: number }> {
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
       try {
-        await this.handle.importVerifiedStateFile(
+        return await this.handle.importVerifiedStateFile(
           file,
           sequence,
           ranges.checkedLength,
@@ -228,6 +230,7 @@ export class Context {
           ranges.digestScheme,
           ranges.payloadOffset,
           ranges.payloadBytes,
+          options.readAhead ?? true,
         );
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
