@@ -83,7 +83,9 @@ export const FULL_CONFIG: BenchConfig = {
   sessionTokens: 32,
   readRepetitions: 10,
   promptSpeedTokens: 512,
-  promptSpeedRounds: 2,
+  // 2 rounds (6 decodes per build) let one slow child move the median: q4_k ratios of 1.005, 0.919
+  // and 0.883 in three runs of the same builds, one child's decodes 25 % slower than the other's.
+  promptSpeedRounds: 4,
   promptSpeedRepetitions: 3,
 };
 
