@@ -37,6 +37,7 @@ import { createHash } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import { native, type DigestScheme } from '../binding.js';
 import { KvstashError } from '../errors.js';
+import type { VerifiedRanges } from '../llama/context.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 
 export const ENTRY_MAGIC = Buffer.from('KVSTASH\0', 'latin1');
@@ -109,15 +110,7 @@ export interface EntryFile {
   fileSize: number;
 }
 
-/** What a verified import needs to know about an entry file (LlamaContext#importVerifiedFile). */
-export interface VerifiedRanges {
-  checkedLength: number;
-  chunkBytes: number;
-  chunkDigests: Uint8Array;
-  digestScheme: DigestScheme;
-  payloadOffset: number;
-  payloadBytes: number;
-}
+export type { VerifiedRanges };
 
 export function verifiedRanges(entry: EntryFile): VerifiedRanges {
   const { checkedLength, chunkBytes, chunkDigests, digestScheme, payloadOffset } = entry;

@@ -61,6 +61,16 @@ export interface SequenceOptions {
  * Slow operations (decode, state save/load/export/import) run off the main thread, one at a time
  * in call order. Memory operations are immediate; they throw E_BUSY while a slow operation runs.
  */
+/** What a verified import needs to know about an entry file (lib/cache/entry.ts verifiedRanges()). */
+export interface VerifiedRanges {
+  checkedLength: number;
+  chunkBytes: number;
+  chunkDigests: Uint8Array;
+  digestScheme: DigestScheme;
+  payloadOffset: number;
+  payloadBytes: number;
+}
+
 export class Context {
   readonly info: ContextInfo;
   /** KV cache edits by sequence and position. */
@@ -208,14 +218,7 @@ export class Context {
    */
   importVerifiedFile(
     file: string,
-    ranges: {
-      checkedLength: number;
-      chunkBytes: number;
-      chunkDigests: Uint8Array;
-      digestScheme: DigestScheme;
-      payloadOffset: number;
-      payloadBytes: number;
-    },
+    ranges: VerifiedRanges,
     options: SequenceOptions & { readAhead?: boolean } = {},
   ): Promise<{ chunks: number; bouncedChunks: number }> {
     return this.enqueue(undefined, async () => {
