@@ -123,15 +123,13 @@ uint64_t ChunkCount(uint64_t totalBytes, uint64_t chunkBytes) {
   return totalBytes == 0 ? 0 : (totalBytes + chunkBytes - 1) / chunkBytes;
 }
 
-uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, uint64_t index,
-                     DigestScheme scheme) {
-  Xxh64 xxh64(index);
-  uint32_t crc = 0;
-  if (scheme == DigestScheme::kCrc32c) {
-    uint8_t indexBytes[8];
-    for (int byte = 0; byte < 8; ++byte) indexBytes[byte] = static_cast<uint8_t>(index >> (8 * byte));
-    crc = Crc32cExtend(0, indexBytes, sizeof(indexBytes));
-  }
+namespace {
+
+// XXH64 with `seed`, or the CRC-32C continuing `crc`, of bytes [begin, end) of the spans
+// concatenated: what both a chunk's digest and a whole-buffer checksum compute.
+uint64_t DigestOfRange(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, DigestScheme scheme,
+                       uint64_t seed, uint32_t crc) {
+  Xxh64 xxh64(seed);
   uint64_t spanStart = 0;
   for (size_t s = 0; s < spanCount; ++s) {
     const uint64_t spanEnd = spanStart + spans[s].size;
@@ -148,6 +146,20 @@ uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, ui
     spanStart = spanEnd;
   }
   return scheme == DigestScheme::kCrc32c ? crc : xxh64.Digest();
+}
+
+}  // namespace
+
+uint64_t ChunkDigest(const ByteSpan* spans, size_t spanCount, uint64_t begin, uint64_t end, uint64_t index,
+                     DigestScheme scheme) {
+  // XXH64 takes the index as its seed; a CRC-32C has none, so the index comes first as 8 bytes.
+  uint32_t crc = 0;
+  if (scheme == DigestScheme::kCrc32c) {
+    uint8_t indexBytes[8];
+    for (int byte = 0; byte < 8; ++byte) indexBytes[byte] = static_cast<uint8_t>(index >> (8 * byte));
+    crc = Crc32cExtend(0, indexBytes, sizeof(indexBytes));
+  }
+  return DigestOfRange(spans, spanCount, begin, end, scheme, index, crc);
 }
 
 uint64_t LoadDigest(const uint8_t* table, uint64_t index) {
@@ -222,16 +234,7 @@ class ChecksumWorker : public PromiseWorker {
 
  protected:
   void Run() override {
-    Xxh64 xxh64;
-    uint32_t crc = 0;
-    for (const ByteSpan& span : parts_.spans()) {
-      if (scheme_ == DigestScheme::kCrc32c) {
-        crc = Crc32cExtend(crc, span.data, span.size);
-      } else {
-        xxh64.Update(span.data, span.size);
-      }
-    }
-    digest_ = scheme_ == DigestScheme::kCrc32c ? crc : xxh64.Digest();
+    digest_ = DigestOfRange(parts_.spans().data(), parts_.spans().size(), 0, parts_.total(), scheme_, 0, 0);
   }
 
   Napi::Value Result(Napi::Env env) override { return Napi::BigInt::New(env, digest_); }
