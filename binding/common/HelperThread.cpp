@@ -1,5 +1,8 @@
 #include "common/HelperThread.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <system_error>
 
 #include "common/CpuRelax.h"
@@ -23,6 +26,16 @@ void HelperThread::Prewake(std::chrono::microseconds spin) {
     spinUntil_ = std::chrono::steady_clock::now() + spin;
   }
   wake_.notify_one();
+}
+
+void HelperThread::AvoidCpu(int cpu) {
+  if (cpu < 0 || cpu >= CPU_SETSIZE || !EnsureThread()) return;
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  // The calling thread's set: the process's, unless someone narrowed it (taskset, cgroups).
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || !CPU_ISSET(cpu, &allowed) || CPU_COUNT(&allowed) < 2) return;
+  CPU_CLR(cpu, &allowed);
+  pthread_setaffinity_np(thread_.native_handle(), sizeof(allowed), &allowed);
 }
 
 bool HelperThread::Start(std::function<void()> job) {

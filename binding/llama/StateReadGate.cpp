@@ -9,6 +9,7 @@
 #include <new>
 #include <thread>
 
+#include <sched.h>
 #include <unistd.h>
 
 #include "common/Checksum.h"
@@ -69,6 +70,7 @@ StateReadGate::StateReadGate(int fd, uint8_t* buffer, uint64_t length, uint64_t 
       previous_(currentGate),
       reader_(reader) {
   for (uint64_t i = 0; i < chunks_; ++i) states_[i].store(kUnchecked, std::memory_order_relaxed);
+  reader_.AvoidCpu(sched_getcpu());  // not queued behind this thread on its CPU (HelperThread.h)
   readerStarted_ = reader_.Start([this, readAhead]() {
     // Runs of up to kRunChunks unclaimed chunks, one pread each: fewer system calls than one per
     // chunk, and still small enough to stay in the CPU cache until they are hashed. Until llama.cpp
