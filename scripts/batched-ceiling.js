@@ -1,0 +1,68 @@
+#!/usr/bin/env node
+// llama.cpp's own batching ceiling on this machine, beside the bench's "8 concurrent sessions
+// >= 3 x one after another" target (README, Benchmark). It builds llama.cpp's llama-batched-bench
+// from the pinned tree in deps/llama.cpp (kvstash's edits change neither a generation step of 1 to
+// 8 tokens nor the weights' kernels) into build-llama-tools/ and runs it on the synthetic
+// qwen2-0.5b models the bench uses: a 2,000-token prompt shared by 1 and by 8 sequences, 32
+// generated tokens each, 2 threads, one unified KV cache. Generation speed with 8 sequences over
+// generation speed with one is what batching gains llama.cpp itself on this CPU; kvstash's
+// concurrent sessions run on the same kernels and cannot gain more while generating.
+//
+//   node scripts/batched-ceiling.js [type ...]    type: q8_0 or q4_k (default: both)
+//
+// Needs the TypeScript build (npm run build:ts) for the synthetic model writer.
+'use strict';
+
+const { execFileSync, spawnSync } = require('node:child_process');
+const path = require('node:path');
+const { fetchLlama } = require('./fetch-llama.js');
+
+const root = path.resolve(__dirname, '..');
+const buildDir = path.join(root, 'build-llama-tools');
+
+function hasCommand(name) {
+  return spawnSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' }).status === 0;
+}
+
+function buildBatchedBench() {
+  const source = fetchLlama();
+  const launcher = hasCommand('ccache') ? ['-DCMAKE_C_COMPILER_LAUNCHER=ccache', '-DCMAKE_CXX_COMPILER_LAUNCHER=ccache'] : [];
+  // The same switches as kvstash's own build (CMakeLists.txt), plus llama.cpp's tools.
+  execFileSync('cmake', ['-S', source, '-B', buildDir, ...(hasCommand('ninja') ? ['-G', 'Ninja'] : []), '-DCMAKE_BUILD_TYPE=Release',
+    '-DLLAMA_BUILD_TOOLS=ON', '-DLLAMA_BUILD_EXAMPLES=OFF', '-DLLAMA_BUILD_TESTS=OFF', '-DLLAMA_BUILD_SERVER=OFF',
+    '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DGGML_OPENMP=OFF', '-DGGML_NATIVE=ON', ...launcher], { stdio: 'inherit' });
+  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-batched-bench'], { stdio: 'inherit' });
+  return path.join(buildDir, 'bin', 'llama-batched-bench');
+}
+
+/** Generated tokens per second for each batch size, from llama-batched-bench's table (S_TG column). */
+function generationSpeeds(table) {
+  const speeds = new Map();
+  for (const line of table.split('\n')) {
+    const cells = line.split('|').map((cell) => cell.trim()).filter(Boolean);
+    if (cells.length === 10 && /^\d+$/.test(cells[2])) speeds.set(Number(cells[2]), Number(cells[7]));
+  }
+  return speeds;
+}
+
+async function main() {
+  const types = process.argv.slice(2).length > 0 ? process.argv.slice(2) : ['q8_0', 'q4_k'];
+  const { syntheticModelPath } = require(path.join(root, 'dist/cli/demo.js'));
+  const { userCacheDir } = require(path.join(root, 'dist/util/paths.js'));
+  const bench = buildBatchedBench();
+  for (const type of types) {
+    const model = await syntheticModelPath(userCacheDir(), new AbortController().signal, { shape: 'qwen2-0.5b', type, seed: 1 });
+    const table = execFileSync(bench, ['-m', model, '-c', '4096', '-b', '2048', '-ub', '512', '-npp', '2000', '-ntg', '32',
+      '-npl', '1,8', '-pps', '-kvu', '-t', '2'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    process.stdout.write(`${type}\n${table.trim()}\n`);
+    const speeds = generationSpeeds(table);
+    if (!speeds.has(1) || !speeds.has(8)) throw new Error(`no S_TG rows for batch sizes 1 and 8 in llama-batched-bench's output`);
+    const gain = speeds.get(8) / speeds.get(1);
+    process.stdout.write(`${type}: generation with 8 sequences at ${gain.toFixed(2)} x the tokens/s of one (llama.cpp's own ceiling)\n\n`);
+  }
+}
+
+main().catch((err) => {
+  console.error(err.message);
+  process.exit(1);
+});
