@@ -55,12 +55,6 @@ export interface SequenceOptions {
   sequence?: number;
 }
 
-/**
- * A llama.cpp context: KV cache, compute buffers, and the logits of the last decode.
- *
- * Slow operations (decode, state save/load/export/import) run off the main thread, one at a time
- * in call order. Memory operations are immediate; they throw E_BUSY while a slow operation runs.
- */
 /** What a verified import needs to know about an entry file (lib/cache/entry.ts verifiedRanges()). */
 export interface VerifiedRanges {
   checkedLength: number;
@@ -71,6 +65,12 @@ export interface VerifiedRanges {
   payloadBytes: number;
 }
 
+/**
+ * A llama.cpp context: KV cache, compute buffers, and the logits of the last decode.
+ *
+ * Slow operations (decode, state save/load/export/import) run off the main thread, one at a time
+ * in call order. Memory operations are immediate; they throw E_BUSY while a slow operation runs.
+ */
 export class Context {
   readonly info: ContextInfo;
   /** KV cache edits by sequence and position. */
