@@ -3,8 +3,8 @@
 // >= 3 x one after another" target (README, Benchmark). It builds llama.cpp's llama-batched-bench
 // from the pinned tree in deps/llama.cpp (kvstash's edits change neither a generation step of 1 to
 // 8 tokens nor the weights' kernels) into build-llama-tools/ and runs it on the synthetic
-// qwen2-0.5b models the bench uses: a 2,000-token prompt shared by 1 and by 8 sequences, 32
-// generated tokens each, 2 threads, one unified KV cache. Generation speed with 8 sequences over
+// qwen2-0.5b models with the bench's settings (FULL_CONFIG): a 2,000-token prompt shared by 1 and
+// by 8 sequences, 32 generated tokens each, 2 threads, one unified KV cache. Generation speed with 8 sequences over
 // generation speed with one is what batching gains llama.cpp itself on this CPU; kvstash's
 // concurrent sessions run on the same kernels and cannot gain more while generating.
 //
@@ -13,16 +13,13 @@
 // Needs the TypeScript build (npm run build:ts) for the synthetic model writer.
 'use strict';
 
-const { execFileSync, spawnSync } = require('node:child_process');
+const { execFileSync } = require('node:child_process');
 const path = require('node:path');
+const { hasCommand } = require('./build-native.js');
 const { fetchLlama } = require('./fetch-llama.js');
 
 const root = path.resolve(__dirname, '..');
 const buildDir = path.join(root, 'build-llama-tools');
-
-function hasCommand(name) {
-  return spawnSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' }).status === 0;
-}
 
 function buildBatchedBench() {
   const source = fetchLlama();
@@ -49,16 +46,19 @@ async function main() {
   const types = process.argv.slice(2).length > 0 ? process.argv.slice(2) : ['q8_0', 'q4_k'];
   const { syntheticModelPath } = require(path.join(root, 'dist/cli/demo.js'));
   const { userCacheDir } = require(path.join(root, 'dist/util/paths.js'));
+  // The bench's own settings, so the two measure the same case.
+  const { FULL_CONFIG: config } = require(path.join(root, 'dist/bench/bench.js'));
   const bench = buildBatchedBench();
   for (const type of types) {
-    const model = await syntheticModelPath(userCacheDir(), new AbortController().signal, { shape: 'qwen2-0.5b', type, seed: 1 });
-    const table = execFileSync(bench, ['-m', model, '-c', '4096', '-b', '2048', '-ub', '512', '-npp', '2000', '-ntg', '32',
-      '-npl', '1,8', '-pps', '-kvu', '-t', '2'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    const model = await syntheticModelPath(userCacheDir(), new AbortController().signal, { shape: config.shape, type, seed: config.seed });
+    const table = execFileSync(bench, ['-m', model, '-c', String(config.contextSize), '-ub', String(config.batchSize),
+      '-npp', String(config.prefixTokens), '-ntg', String(config.sessionTokens), '-npl', `1,${config.sessions}`, '-pps', '-kvu',
+      '-t', String(config.threads)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
     process.stdout.write(`${type}\n${table.trim()}\n`);
     const speeds = generationSpeeds(table);
-    if (!speeds.has(1) || !speeds.has(8)) throw new Error(`no S_TG rows for batch sizes 1 and 8 in llama-batched-bench's output`);
-    const gain = speeds.get(8) / speeds.get(1);
-    process.stdout.write(`${type}: generation with 8 sequences at ${gain.toFixed(2)} x the tokens/s of one (llama.cpp's own ceiling)\n\n`);
+    if (!speeds.has(1) || !speeds.has(config.sessions)) throw new Error(`no S_TG rows for batch sizes 1 and ${config.sessions} in llama-batched-bench's output`);
+    const gain = speeds.get(config.sessions) / speeds.get(1);
+    process.stdout.write(`${type}: generation with ${config.sessions} sequences at ${gain.toFixed(2)} x the tokens/s of one (llama.cpp's own ceiling)\n\n`);
   }
 }
 

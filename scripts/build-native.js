@@ -66,7 +66,7 @@ function buildNative(argv = []) {
   process.stderr.write(`[kvstash] native build finished in ${((Date.now() - started) / 1000).toFixed(0)} s\n`);
 }
 
-module.exports = { buildNative };
+module.exports = { buildNative, hasCommand };
 
 if (require.main === module) {
   try {
