@@ -1,5 +1,6 @@
 // generate(): streaming, stops, template prefix caching, continuous batching, abort.
 import t from 'tap';
+import { templatePrefix } from '../lib/generate/generate.js';
 import { generate, loadModel, PromptCache, type Model } from '../lib/index.js';
 import { prose, tinyModel } from './helpers/fixtures.js';
 
@@ -109,7 +110,9 @@ t.test('concurrent generations on 4 sequences give each the tokens it gets alone
   together.forEach((result, i) => t.same(Array.from(result.tokens), alone[i], `sequence ${i}: same tokens`));
   // Alone, each needs 2 prompt batches (its ~520 tokens in 512-token batches) + 7 steps = 9
   // decodes: 36 for four. Batched, the steps of all four share decodes.
-  t.ok(decodes <= 20, `${decodes} decodes for 4 concurrent generations (36 if serialized)`);
+  // The README's figure: 12 (the four ~520-token prompts share 5 batches of 512 tokens, then the
+  // 7 generation steps are shared).
+  t.ok(decodes <= 12, `${decodes} decodes for 4 concurrent generations (36 if serialized)`);
   await context.dispose();
 });
 
@@ -121,9 +124,16 @@ t.test('an aborted generation leaves the context usable and the cache intact', a
 
   // Mid-prefill: a long user message, aborted during its evaluation.
   const mid = new AbortController();
+  let restoredBeforeAbort = -1;
+  cache.once('hit', (hit: { cachedTokens: number }) => (restoredBeforeAbort = hit.cachedTokens));
   const long = prose(1500, 9);
   const prefill = generate(context, { system, prompt: long, cache, maxTokens: 6, signal: mid.signal, onProgress: (done) => done >= 128 && mid.abort() });
   await t.rejects(prefill.result, { code: 'E_ABORTED' });
+  // What the cache restored (the system prefix and the user turn's opening tokens the reference
+  // left resident) stays; the aborted message's evaluated batches are gone again.
+  const prefixLength = templatePrefix(model, { system })!.length;
+  t.ok(restoredBeforeAbort >= prefixLength && restoredBeforeAbort < prefixLength + 10, `the restore reused the ${prefixLength}-token prefix (${restoredBeforeAbort} tokens)`);
+  t.same(await context.exclusive(() => context.memory.range(0)), { min: 0, max: restoredBeforeAbort - 1 }, 'mid-prefill: the sequence holds what was restored and nothing more');
 
   // Mid-generation: aborted after the second chunk.
   const late = new AbortController();
@@ -138,8 +148,11 @@ t.test('an aborted generation leaves the context usable and the cache intact', a
     })(),
     { code: 'E_ABORTED' },
   );
+  // Two chunks were streamed, so the whole prompt and at least the first generated token were
+  // evaluated; the 50th generated token never is (the last sampled token is not decoded).
   const range = await context.exclusive(() => context.memory.range(0));
-  t.ok(range.max < 4096, 'the sequence holds a consistent range');
+  t.equal(range.min, 0, 'mid-generation: the sequence starts at position 0');
+  t.ok(range.max + 1 > reference.promptTokens && range.max + 1 < reference.promptTokens + 50, `and holds the prompt and some generated tokens (${range.max + 1 - reference.promptTokens})`);
 
   const after = await generate(context, { system, prompt: 'reference', cache, maxTokens: 6 }).result;
   t.same(Array.from(after.tokens), Array.from(reference.tokens), 'the same answer as before the aborts');
