@@ -44,13 +44,14 @@ function generationSpeeds(table) {
 
 async function main() {
   const types = process.argv.slice(2).length > 0 ? process.argv.slice(2) : ['q8_0', 'q4_k'];
-  const { syntheticModelPath } = require(path.join(root, 'dist/cli/demo.js'));
+  const { syntheticModelPath } = require(path.join(root, 'dist/tools/synthetic-model.js'));
+  const { cliUi } = require(path.join(root, 'dist/cli/progress.js'));
   const { userCacheDir } = require(path.join(root, 'dist/util/paths.js'));
   // The bench's own settings, so the two measure the same case.
   const { FULL_CONFIG: config } = require(path.join(root, 'dist/bench/bench.js'));
   const bench = buildBatchedBench();
   for (const type of types) {
-    const model = await syntheticModelPath(userCacheDir(), new AbortController().signal, { shape: config.shape, type, seed: config.seed });
+    const model = await syntheticModelPath(userCacheDir(), new AbortController().signal, cliUi, { shape: config.shape, type, seed: config.seed });
     const table = execFileSync(bench, ['-m', model, '-c', String(config.contextSize), '-ub', String(config.batchSize),
       '-npp', String(config.prefixTokens), '-ntg', String(config.sessionTokens), '-npl', `1,${config.sessions}`, '-pps', '-kvu',
       '-t', String(config.threads)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });

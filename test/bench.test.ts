@@ -13,7 +13,7 @@ import { TARGET_IDS } from '../lib/bench/targets.js';
 import { requireBuiltCli, runCli } from './helpers/cli.js';
 import { skipUnderEmulation } from './helpers/fixtures.js';
 
-// `npm run bench` is `kvstash bench` (dist/bench/run.js calls the CLI's main): run it as the CLI.
+// `npm run bench` is `kvstash bench` (package.json runs dist/cli/main.js bench): run it as the CLI.
 const runBench = (args: string[]) => runCli(['bench', ...args]);
 
 const BUILD_ROWS: Partial<Record<RowId, Build>> = { prebuiltPromptTokensPerSecond: 'prebuilt', sourcePromptTokensPerSecond: 'source' };

@@ -2,7 +2,8 @@
 // must answer exactly as a cold prefill of the same prompt does, which proves the restore exact.
 import path from 'node:path';
 import t from 'tap';
-import { buildDemoPrompt, DEMO_QUESTIONS, type DemoReport } from '../lib/cli/demo.js';
+import type { DemoReport } from '../lib/cli/demo.js';
+import { buildDemoPrompt, DEMO_QUESTIONS } from '../lib/tools/demo-prompt.js';
 import { loadModel, writeSyntheticModel } from '../lib/index.js';
 import { requireBuiltCli, runCli } from './helpers/cli.js';
 

@@ -24,15 +24,16 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { PromptCache, type CacheTier } from '../cache/prompt-cache.js';
-import { syntheticModelPath } from '../cli/demo.js';
-import { withStatus } from '../cli/progress.js';
 import { generate, type GenerationResult } from '../generate/generate.js';
 import type { Context } from '../llama/context.js';
 import { loadModel, type Model } from '../llama/model.js';
 import type { SyntheticShapeName } from '../models/synthetic.js';
 import { systemInfo } from '../system.js';
+import type { Ui } from '../tools/status.js';
+import { syntheticModelPath } from '../tools/synthetic-model.js';
 import { median, round3, Series, type Samples } from './measure.js';
 import { NodeLlamaCppRunner, type NodeLlamaCppInfo } from './node-llama-cpp.js';
+import { ensurePeer, type PeerInstall } from './peer.js';
 import { measurePageCacheRead, readInto, startEvictor, type RemoteEvictor } from './page-cache.js';
 import { BUILDS, measurePrebuiltVsSource, type PrebuiltVsSource } from './prebuilt-vs-source.js';
 import { buildBenchPrompt } from './prompt.js';
@@ -200,6 +201,8 @@ export interface BenchOptions {
   /** Root of the cached synthetic models (<root>/models), as for the demo. */
   modelRoot: string;
   signal: AbortSignal;
+  /** How slow work and paths are shown (the CLI's status line). */
+  ui: Ui;
 }
 
 export async function runBench(options: BenchOptions): Promise<BenchReport> {
@@ -215,10 +218,11 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     const probe = path.join(workDir, 'eviction-probe');
     fs.writeFileSync(probe, Buffer.alloc(1 << 20, 1));
     evictor = await startEvictor(probe);
+    const peer = await installPeer(options);
     const results: TypeResult[] = [];
     for (const type of options.types) {
       options.signal.throwIfAborted();
-      const { result, nlcInfo } = await benchType(type, options, evictor, path.join(workDir, type));
+      const { result, nlcInfo } = await benchType(type, options, peer, evictor, path.join(workDir, type));
       results.push(result);
       nodeLlamaCpp = nlcInfo;
     }
@@ -253,12 +257,14 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 async function benchType(
   type: BenchType,
   options: BenchOptions,
+  peer: PeerInstall | { unavailable: string },
   evictor: RemoteEvictor,
   dir: string,
 ): Promise<{ result: TypeResult; nlcInfo: BenchReport['nodeLlamaCpp'] }> {
   const { config, signal } = options;
+  const withStatus = options.ui.status;
   await fsp.mkdir(dir, { recursive: true });
-  const modelPath = await syntheticModelPath(options.modelRoot, signal, { shape: config.shape, type, seed: config.seed });
+  const modelPath = await syntheticModelPath(options.modelRoot, signal, options.ui, { shape: config.shape, type, seed: config.seed });
   const model = await withStatus(`[${type}] Loading the model`, (progress) => loadModel(modelPath, { onProgress: (f) => progress(f, 1) }));
   let nlc: NodeLlamaCppRunner | undefined;
   try {
@@ -273,9 +279,12 @@ async function benchType(
     const rows = Object.fromEntries(ROWS.map(([id]) => [id, null])) as Rows;
     const series = new Series();
 
-    const opened = await withStatus(`[${type}] Loading it in node-llama-cpp`, () =>
-      NodeLlamaCppRunner.open(modelPath, { threads: config.threads, contextSize: config.contextSize, batchSize: config.batchSize }),
-    );
+    const opened =
+      'unavailable' in peer
+        ? peer
+        : await withStatus(`[${type}] Loading it in node-llama-cpp`, () =>
+            NodeLlamaCppRunner.open(peer, modelPath, { threads: config.threads, contextSize: config.contextSize, batchSize: config.batchSize }),
+          );
     const nlcInfo = opened instanceof NodeLlamaCppRunner ? opened.info : opened;
     if (opened instanceof NodeLlamaCppRunner) nlc = opened;
     else process.stderr.write(`kvstash bench: node-llama-cpp rows left out: ${opened.unavailable}\n`);
@@ -468,6 +477,16 @@ async function benchType(
   } finally {
     await nlc?.dispose();
     await model.dispose();
+  }
+}
+
+/** The peer, installed on the first run; unavailable (and why) when npm cannot install it (offline, say). */
+async function installPeer(options: BenchOptions): Promise<PeerInstall | { unavailable: string }> {
+  try {
+    return await ensurePeer({ signal: options.signal, ui: options.ui });
+  } catch (err) {
+    options.signal.throwIfAborted();
+    return { unavailable: `node-llama-cpp could not be installed: ${(err as Error).message}` };
   }
 }
 

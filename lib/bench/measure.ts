@@ -1,4 +1,7 @@
 /** Small statistics for the benchmark: repeated timings are summarised by their median. */
+import { median } from '../tools/stats.js';
+
+export { median };
 
 export interface Samples {
   /** Median of `values`. */
@@ -7,13 +10,6 @@ export interface Samples {
   max: number;
   /** Every measurement, in the order taken. */
   values: number[];
-}
-
-export function median(values: readonly number[]): number {
-  if (values.length === 0) return Number.NaN;
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 export function samples(values: readonly number[]): Samples {

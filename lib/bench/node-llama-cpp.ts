@@ -1,12 +1,39 @@
 /**
  * node-llama-cpp, measured the way its users would reuse a prompt: its own prefix reuse inside one
  * context sequence (what LlamaCompletion does: adaptStateToTokens, then evaluate the rest) and its
- * state files (saveStateToFile / loadStateFromFile). It is a devDependency: the benchmark is the
- * only user, and without it these rows are left out.
+ * state files (saveStateToFile / loadStateFromFile). It is no dependency of kvstash: the benchmark
+ * installs it on first need (./peer.ts); when that fails (offline, say) these rows are left out.
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import type { Llama, LlamaContextSequence, Token } from 'node-llama-cpp' with { 'resolution-mode': 'import' };
+import { importPeer, type PeerInstall } from './peer.js';
+
+// The part of node-llama-cpp's API the benchmark calls, written out: its own types are not
+// installed when kvstash is compiled (it is not in node_modules). Names and shapes as in its docs.
+type Token = number & { __token?: never };
+interface LlamaContextSequence {
+  readonly nextTokenIndex: number;
+  clearHistory(): Promise<void>;
+  adaptStateToTokens(tokens: Token[], allowShift: boolean): Promise<void>;
+  evaluate(tokens: Token[], options: { temperature: number }): AsyncGenerator<Token, void>;
+  evaluateWithoutGeneratingNewTokens(tokens: Token[]): Promise<void>;
+  eraseContextTokenRanges(ranges: Array<{ start: number; end: number }>): Promise<void>;
+  saveStateToFile(file: string): Promise<{ fileSize: number }>;
+  loadStateFromFile(file: string, options: { acceptRisk: true }): Promise<void>;
+}
+interface Llama {
+  readonly buildType: string;
+  readonly systemInfo: string;
+  loadModel(options: { modelPath: string }): Promise<{
+    createContext(options: { contextSize: number; batchSize: number; threads: number; sequences: number }): Promise<{ getSequence(): LlamaContextSequence }>;
+  }>;
+  dispose(): Promise<void>;
+}
+interface NodeLlamaCppModule {
+  getLlama(options: { build: 'never'; skipDownload: boolean; gpu: false; progressLogs: boolean; logLevel: unknown }): Promise<Llama>;
+  LlamaLogLevel: { error: unknown };
+}
 
 export interface NodeLlamaCppInfo {
   version: string;
@@ -28,14 +55,9 @@ export class NodeLlamaCppRunner {
     private readonly sequence: LlamaContextSequence,
   ) {}
 
-  /** Loads `modelPath` with node-llama-cpp's prebuilt binary; null (and why) when it is not installed. */
-  static async open(modelPath: string, options: NodeLlamaCppOptions): Promise<NodeLlamaCppRunner | { unavailable: string }> {
-    let lib: typeof import('node-llama-cpp', { with: { 'resolution-mode': 'import' } });
-    try {
-      lib = await import('node-llama-cpp');
-    } catch (err) {
-      return { unavailable: `node-llama-cpp is not installed (${(err as Error).message.split('\n')[0]}); it is a devDependency of kvstash` };
-    }
+  /** Loads `modelPath` with the installed peer's prebuilt binary (ensurePeer installs it). */
+  static async open(install: PeerInstall, modelPath: string, options: NodeLlamaCppOptions): Promise<NodeLlamaCppRunner> {
+    const lib = await importPeer<NodeLlamaCppModule>(install);
     // build: 'never' and skipDownload: its prebuilt binary or an error, never a download or a compile.
     const llama = await lib.getLlama({ build: 'never', skipDownload: true, gpu: false, progressLogs: false, logLevel: lib.LlamaLogLevel.error });
     try {
@@ -46,7 +68,7 @@ export class NodeLlamaCppRunner {
         threads: options.threads,
         sequences: 1,
       });
-      const info = { version: packageVersion(), buildType: llama.buildType, systemInfo: llama.systemInfo };
+      const info = { version: installedVersion(install), buildType: llama.buildType, systemInfo: llama.systemInfo };
       return new NodeLlamaCppRunner(info, llama, context.getSequence());
     } catch (err) {
       await llama.dispose();
@@ -139,9 +161,8 @@ function concat(a: Int32Array, b: Int32Array): Int32Array {
   return out;
 }
 
-function packageVersion(): string {
-  // Its package.json is not in its exports; its entry point sits in <package>/dist/.
-  const entry = require.resolve('node-llama-cpp');
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  return (require(path.join(path.dirname(entry), '..', 'package.json')) as { version: string }).version;
+/** The version npm installed, from its package.json (not in its exports, so read as a file). */
+function installedVersion(install: PeerInstall): string {
+  const file = path.join(install.dir, 'node_modules', 'node-llama-cpp', 'package.json');
+  return (JSON.parse(fs.readFileSync(file, 'utf8')) as { version: string }).version;
 }

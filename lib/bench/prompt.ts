@@ -3,8 +3,8 @@
  * template) and user turns of `suffixTokens` each (the new part). Exact lengths keep every row
  * comparable across models and runs; the text is the demo's support-assistant prompt.
  */
-import { buildDemoPrompt, DEMO_QUESTIONS } from '../cli/demo.js';
 import type { Model } from '../llama/model.js';
+import { buildDemoPrompt, DEMO_QUESTIONS } from '../tools/demo-prompt.js';
 
 export interface BenchPrompt {
   /** The rendered system turn, cut to the requested length. */

@@ -7,11 +7,12 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { defaultThreads, loadModel } from '../llama/model.js';
 import { Session, type SessionOptions } from '../session/session.js';
+import { syntheticModelPath } from '../tools/synthetic-model.js';
 import { userCacheDir } from '../util/paths.js';
 import { openCache } from './cache-flags.js';
-import { syntheticModelPath } from './demo.js';
 import { UsageError } from './errors.js';
 import { ms } from './format.js';
+import { cliUi } from './progress.js';
 import type { Command, CommandIo, FlagSpecs, Flags } from './main.js';
 
 const CHAT_FLAGS = {
@@ -34,7 +35,7 @@ export const chatCommand: Command<typeof CHAT_FLAGS> = {
 async function runChat(flags: Flags<typeof CHAT_FLAGS>, io: CommandIo): Promise<number> {
   if (flags.session === undefined) throw new UsageError('--session is required', 'chat');
   const root = userCacheDir();
-  const modelPath = flags.model ?? (await syntheticModelPath(root, io.signal));
+  const modelPath = flags.model ?? (await syntheticModelPath(root, io.signal, cliUi));
   const model = await loadModel(modelPath);
   try {
     const context = await model.createContext({ contextSize: flags.context ?? 4096, threads: flags.threads ?? defaultThreads() });

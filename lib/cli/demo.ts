@@ -4,7 +4,6 @@
  * file and evaluate only their own tokens (warm). Warm 1 repeats the cold question, so its answer
  * must match the cold one token for token: the restore is checked, not assumed.
  */
-import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,16 +12,16 @@ import { KvstashError } from '../errors.js';
 import type { Context } from '../llama/context.js';
 import { defaultThreads, loadModel, type Model } from '../llama/model.js';
 import type { Sampler } from '../llama/sampler.js';
-import { writeSyntheticModel, type SyntheticShapeName, type SyntheticWeightType } from '../models/synthetic.js';
+import { buildDemoPrompt, DEMO_QUESTIONS } from '../tools/demo-prompt.js';
+import { median } from '../tools/stats.js';
+import { DEMO_SYNTHETIC as SYNTHETIC, syntheticModelPath } from '../tools/synthetic-model.js';
 import { userCacheDir } from '../util/paths.js';
-import { isProcessAlive } from '../util/process.js';
 import { fmt, ms, printable, round, size, table, tildify, times } from './format.js';
 import type { Command, FlagSpecs, Flags } from './main.js';
-import { withStatus } from './progress.js';
+import { cliUi, withStatus } from './progress.js';
 
 const CONTEXT_SIZE = 4096;
 const BATCH_SIZE = 512;
-const SYNTHETIC = { shape: 'qwen2-0.5b', type: 'q4_k', seed: 1 } as const;
 const SYNTHETIC_NOTE = 'Its weights are random: the text it writes is gibberish. The compute, timings and KV sizes are real.';
 
 const DEMO_FLAGS = {
@@ -43,56 +42,6 @@ export const demoCommand: Command<typeof DEMO_FLAGS> = {
   flags: DEMO_FLAGS,
   run: runDemo,
 };
-
-/** The questions asked after the system prompt. The cold run and warm 1 ask the first. */
-export const DEMO_QUESTIONS: readonly string[] = [
-  'My order #48213 arrived with a torn sleeve. Can I get a replacement before Friday?',
-  'What is the return window for sale items bought in the EU?',
-  'Please change the delivery address of order #50177 to 12 Harbour Road, Leith.',
-];
-
-export interface DemoPrompt {
-  /** The system message: tool and policy text, trimmed to the requested token count. */
-  system: string;
-  /** The rendered system turn: the tokens cached and restored. */
-  prefix: Int32Array;
-  /** Per question, the rendered user turn and assistant header, tokenized on their own. Cold and
-   * warm runs both evaluate prefix then suffix, so they see identical token sequences. */
-  suffixes: Int32Array[];
-}
-
-/** Builds the demo's prompt, deterministically: the same model and target give the same tokens. */
-export function buildDemoPrompt(model: Model, targetTokens: number): DemoPrompt {
-  const renderSystem = (system: string): string => model.applyChatTemplate([{ role: 'system', content: system }], { addAssistant: false });
-  const count = (system: string): number => model.tokenize(renderSystem(system), { special: true }).length;
-
-  let text = SYSTEM_INTRO;
-  for (let section = 0; count(text) < targetTokens; section++) text += systemSection(section);
-  // Cut at a word boundary: the longest run of words whose rendered turn fits the target.
-  const words = text.split(/(?<=\s)/);
-  let low = 1;
-  let high = words.length;
-  while (low < high) {
-    const mid = Math.ceil((low + high) / 2);
-    if (count(words.slice(0, mid).join('').trimEnd()) <= targetTokens) low = mid;
-    else high = mid - 1;
-  }
-  const system = words.slice(0, low).join('').trimEnd();
-
-  const conversations = DEMO_QUESTIONS.map((question) =>
-    model.applyChatTemplate([{ role: 'system', content: system }, { role: 'user', content: question }]),
-  );
-  let prefixText = renderSystem(system);
-  // Some templates (Gemma's, Llama 2's) fold the system text into the first user turn, so the
-  // system turn alone does not start the conversation; then cache what every conversation shares.
-  if (!conversations.every((c) => c.startsWith(prefixText))) prefixText = commonPrefix(conversations);
-  return {
-    system,
-    prefix: model.tokenize(prefixText, { special: true }),
-    // No BOS here: these tokens continue the prefix.
-    suffixes: conversations.map((c) => model.tokenize(c.slice(prefixText.length), { special: true, addSpecial: false })),
-  };
-}
 
 export interface DemoRun {
   run: string;
@@ -150,7 +99,7 @@ async function runDemo(flags: Flags<typeof DEMO_FLAGS>, { signal }: { signal: Ab
   };
   const threads = flags.threads ?? defaultThreads();
   const synthetic = flags.model === undefined;
-  const modelPath = synthetic ? await syntheticModelPath(flags['cache-dir'] === undefined ? userCacheDir() : path.resolve(flags['cache-dir']), signal) : path.resolve(flags.model!);
+  const modelPath = synthetic ? await syntheticModelPath(flags['cache-dir'] === undefined ? userCacheDir() : path.resolve(flags['cache-dir']), signal, cliUi) : path.resolve(flags.model!);
 
   say('kvstash demo: reuse the saved KV cache of a long system prompt');
   say();
@@ -325,112 +274,10 @@ function printReport(report: DemoReport): void {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The synthetic model
-
-/** The cached synthetic model (by default the demo's), written on first use. */
-export async function syntheticModelPath(
-  root: string,
-  signal: AbortSignal,
-  model: { shape: SyntheticShapeName; type: SyntheticWeightType; seed: number } = SYNTHETIC,
-): Promise<string> {
-  const dir = path.join(root, 'models');
-  const file = path.join(dir, `synthetic-${model.shape}-${model.type}-seed${model.seed}.gguf`);
-  if (fs.existsSync(file)) return file;
-  await fsp.mkdir(dir, { recursive: true });
-  await removeAbandonedStaging(dir);
-  process.stderr.write(
-    `First run: writing the synthetic ${model.shape} model to ${tildify(file)}.\n` +
-      `This happens once: about 1 GB of f16 weights are written, then quantized to ${model.type} (from under a minute to a few\n` +
-      'minutes, depending on the machine). Later runs reuse the file.\n',
-  );
-  // Everything is written inside one staging directory, so an interrupt cleans up by removing it.
-  const staging = await fsp.mkdtemp(path.join(dir, `.writing-${process.pid}-`));
-  try {
-    const staged = path.join(staging, path.basename(file));
-    await withStatus('Writing the synthetic model', () =>
-      // The writer cannot be cancelled; on SIGINT stop waiting for it (the process then exits).
-      Promise.race([writeSyntheticModel({ ...model, path: staged }), rejectOnAbort(signal)]),
-    );
-    await fsp.rename(staged, file);
-  } finally {
-    await fsp.rm(staging, { recursive: true, force: true });
-  }
-  return file;
-}
-
-/** Removes staging directories of writers that died (SIGKILL, power loss): each holds up to 1 GB. */
-async function removeAbandonedStaging(dir: string): Promise<void> {
-  for (const name of await fsp.readdir(dir)) {
-    const pid = /^\.writing-(\d+)-/.exec(name)?.[1];
-    if (pid !== undefined && !isProcessAlive(Number(pid))) await fsp.rm(path.join(dir, name), { recursive: true, force: true });
-  }
-}
-
-
-function rejectOnAbort(signal: AbortSignal): Promise<never> {
-  return new Promise((_, reject) => {
-    if (signal.aborted) reject(signal.reason);
-    signal.addEventListener('abort', () => reject(signal.reason), { once: true });
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// The system prompt: a support assistant's tool catalogue and policies, repeated as needed
-
-const SYSTEM_INTRO =
-  'You are Atlas, the customer support assistant of Northwind Outfitters, an online shop for clothing and outdoor gear. ' +
-  "Answer in the customer's language, briefly and exactly, and call the tools below instead of guessing. " +
-  'The tool catalogue and the policies that follow apply to every conversation.\n';
-
-const TOOLS: ReadonlyArray<readonly [name: string, purpose: string, argumentsText: string]> = [
-  ['search_orders', 'Finds orders by customer email, order number or date range; at most 20, newest first.', 'query (string), from (ISO date, optional), to (ISO date, optional)'],
-  ['get_order', 'Returns one order with its lines, payments, shipments and notes.', 'order_id (string)'],
-  ['refund_order', 'Refunds some or all lines of a delivered order to the original payment method.', 'order_id (string), lines (array of line ids), reason (string)'],
-  ['replace_item', 'Ships a replacement for a damaged or wrong item at no cost to the customer.', 'order_id (string), line_id (string), size (string, optional)'],
-  ['update_address', 'Changes the delivery address of an order that has not shipped yet.', 'order_id (string), address (street, city, postcode, country)'],
-  ['track_shipment', 'Returns the carrier, tracking number and latest scan of a shipment.', 'shipment_id (string)'],
-  ['check_inventory', 'Returns the stock of a product variant in each warehouse.', 'sku (string)'],
-  ['get_customer', 'Returns the customer profile, loyalty tier and open tickets.', 'email (string)'],
-  ['apply_voucher', 'Issues a one-time voucher as a goodwill gesture.', 'email (string), amount (number, at most 25), currency (string)'],
-  ['create_ticket', 'Opens a ticket for the warehouse or the payments team.', 'team (warehouse or payments), summary (string), order_id (string, optional)'],
-  ['escalate_to_human', 'Hands the conversation to a human agent with a summary.', 'summary (string), urgency (low, normal or high)'],
-];
-
-const POLICIES: readonly string[] = [
-  'Confirm the order number with the customer before you change or refund anything.',
-  'Refunds are allowed within 30 days of delivery, and within 14 days for sale items bought in the EU.',
-  "Never share another customer's data, and never read out a full payment card number.",
-  'Offer a replacement before a refund when the item is damaged and in stock.',
-  'An address can change only before the order ships; after that, open a warehouse ticket.',
-  'Vouchers are a last resort: at most one per customer per quarter.',
-  'Escalate to a human when the customer asks for one, is upset twice, or mentions a legal claim.',
-  'Quote delivery dates only from track_shipment, never from memory.',
-];
-
-function systemSection(index: number): string {
-  const [name, purpose, argumentsText] = TOOLS[index % TOOLS.length]!;
-  return `\n### ${index + 1}. Tool ${name}\n${purpose}\nArguments: ${argumentsText}.\nPolicy: ${POLICIES[index % POLICIES.length]!}\n`;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Small helpers
-
-function commonPrefix(texts: readonly string[]): string {
-  let end = 0;
-  const first = texts[0]!;
-  while (end < first.length && texts.every((t) => t[end] === first[end])) end++;
-  return first.slice(0, end);
-}
 
 function sameTokens(a: ArrayLike<number>, b: ArrayLike<number>): boolean {
   if (a.length !== b.length) return false;
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
   return true;
 }
-
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-}
-

@@ -5,7 +5,7 @@
  * 130 interrupted (SIGINT), as shells expect.
  */
 import { isKvstashError } from '../errors.js';
-import { benchCommand } from '../bench/command.js';
+import { benchCommand } from './bench.js';
 import { chatCommand } from './chat.js';
 import { demoCommand } from './demo.js';
 import { inspectCommand, lsCommand, rmCommand, verifyCommand } from './entries.js';

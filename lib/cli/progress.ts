@@ -1,9 +1,9 @@
 /** Progress of slow work (loading a model, evaluating a long prompt) on stderr. */
 import { performance } from 'node:perf_hooks';
-import { duration, fmt } from './format.js';
+import type { Progress, Ui } from '../tools/status.js';
+import { duration, fmt, tildify } from './format.js';
 
-/** (done, total): tokens evaluated of tokens to evaluate, or a fraction of 1. */
-export type Progress = (done: number, total: number) => void;
+export type { Progress };
 
 /**
  * Runs `work` under a status line on stderr: a bar and a percentage, and for token counts the rate
@@ -76,3 +76,6 @@ export async function withStatus<T>(label: string, work: (progress: Progress) =>
     clearInterval(timer);
   }
 }
+
+/** The command line's way of showing slow work and paths, for lib/tools and lib/bench. */
+export const cliUi: Ui = { status: withStatus, showPath: tildify };

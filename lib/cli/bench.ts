@@ -1,11 +1,15 @@
-/** `kvstash bench` (and `npm run bench`): runs the benchmark, writes its JSON, prints its table. */
+/**
+ * `kvstash bench` (and `npm run bench`, which runs it): runs the benchmark (lib/bench), writes its
+ * JSON, prints its table. It lives with the other commands so lib/bench imports nothing from lib/cli.
+ */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { fmt, ms, table, tildify } from '../cli/format.js';
-import type { Command, FlagSpecs, Flags } from '../cli/main.js';
-import { UsageError } from '../cli/errors.js';
+import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from '../bench/bench.js';
 import { userCacheDir } from '../util/paths.js';
-import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from './bench.js';
+import { UsageError } from './errors.js';
+import { fmt, ms, table, tildify } from './format.js';
+import type { Command, FlagSpecs, Flags } from './main.js';
+import { cliUi } from './progress.js';
 
 const BENCH_FLAGS = {
   quick: { type: 'boolean', help: 'Smoke test: the tiny model and a 300-token prefix (its numbers mean little)' },
@@ -38,6 +42,7 @@ async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { s
     types,
     modelRoot: flags['cache-dir'] === undefined ? userCacheDir() : path.resolve(flags['cache-dir']),
     signal,
+    ui: cliUi,
   });
   const outDir = path.resolve(flags.out ?? 'bench-results');
   await fsp.mkdir(outDir, { recursive: true });
