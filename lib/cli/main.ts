@@ -4,6 +4,7 @@
  * text and validation are written once here. Exit codes: 0 success, 1 failure, 2 bad usage,
  * 130 interrupted (SIGINT), as shells expect.
  */
+import { parseArgs } from 'node:util';
 import { isKvstashError } from '../errors.js';
 import { benchCommand } from './bench.js';
 import { chatCommand } from './chat.js';
@@ -96,7 +97,14 @@ export function usage(commandName?: string): string {
 
 /**
  * Parses `--name value`, `--name=value`, boolean `--name`, and the command's operands (any other
- * word; after `--`, every word); anything else is a UsageError.
+ * word, a lone `-` or a word starting with one dash included; after `--`, every word); anything
+ * else is a UsageError.
+ *
+ * node:util's parseArgs splits the words (its tokens: which word is an option, which its value,
+ * where `--` stands). What it does not do is ours, on its tokens: integers and their bounds, empty
+ * values, a flag given twice (it keeps the last), a value-taking flag followed by another flag (it
+ * takes `--json` as the value), operands counted against the command's, `--` as an operand of a
+ * command that takes none, and single-dash words kept as operands (it reads them as short options).
  */
 export function parseArguments<S extends FlagSpecs>(
   commandName: string,
@@ -111,28 +119,35 @@ export function parseArguments<S extends FlagSpecs>(
     if (operands.length >= operandSpecs.length) throw new UsageError(`unexpected argument '${arg}'`, commandName);
     operands.push(arg);
   };
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i]!;
-    if (arg === '--' && operandSpecs.length > 0) {
-      args.slice(i + 1).forEach(addOperand);
+  const options = Object.fromEntries(Object.entries(specs).map(([name, spec]) => [name, { type: spec.type === 'boolean' ? ('boolean' as const) : ('string' as const) }]));
+  const { tokens } = parseArgs({ args: [...args], options, strict: false, allowPositionals: true, tokens: true });
+  let shortWord = -1; // `-abc` is one token per letter: the word is one operand
+  for (const token of tokens) {
+    if (token.kind === 'option-terminator') {
+      if (operandSpecs.length === 0) addOperand('--');
+      args.slice(token.index + 1).forEach(addOperand);
       break;
     }
-    if (!arg.startsWith('--') || arg === '--') {
-      addOperand(arg);
+    if (token.kind === 'positional') {
+      addOperand(token.value);
       continue;
     }
-    const eq = arg.indexOf('=');
-    const name = arg.slice(2, eq < 0 ? undefined : eq);
+    if (!token.rawName.startsWith('--')) {
+      if (token.index !== shortWord) addOperand(args[token.index]!);
+      shortWord = token.index;
+      continue;
+    }
+    const name = token.name;
     const spec = Object.prototype.hasOwnProperty.call(specs, name) ? specs[name] : undefined;
     if (spec === undefined) throw new UsageError(`unknown option '--${name}'`, commandName);
     if (name in flags) throw new UsageError(`--${name} given twice`, commandName);
     if (spec.type === 'boolean') {
-      if (eq >= 0) throw new UsageError(`--${name} takes no value`, commandName);
+      if (token.value !== undefined) throw new UsageError(`--${name} takes no value`, commandName);
       flags[name] = true;
       continue;
     }
-    let text: string | undefined = eq < 0 ? args[++i] : arg.slice(eq + 1);
-    if (text === undefined || (eq < 0 && text.startsWith('--'))) throw new UsageError(`--${name} needs a value`, commandName);
+    const text = token.value;
+    if (text === undefined || (!token.inlineValue && text.startsWith('--'))) throw new UsageError(`--${name} needs a value`, commandName);
     if (spec.type === 'integer') {
       if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text))) {
         throw new UsageError(`--${name} must be a whole number, got '${text}'`, commandName);
