@@ -3,9 +3,10 @@
 # gets from `npm install kvstash` works without a compiler, on both architectures.
 #
 #  1. npm pack; the tarball holds compiled JS and .d.ts, both prebuilds, the sources and scripts of
-#     the source build and the licences, and nothing else (no tests, models, deps/ or build/).
-#  2. PATH without any C/C++ compiler, cmake, make or ninja (a directory of links to every other
-#     command), checked by asking for them.
+#     the source build, the licences and the Qwen2 vocab (the synthetic models' tokenizer), and
+#     nothing else (no tests, other models, deps/ or build/).
+#  2. PATH without any C/C++ compiler, cmake, make, ninja or git (a directory of links to every
+#     other command), checked by asking for them.
 #  3. linux-x64: install the tarball into a new project; a CommonJS consumer (require) and an ES
 #     module consumer written in TypeScript (import, `tsc --strict` clean) each write the tiny
 #     synthetic model, decode, and generate greedily; both must print the same answer, from the
@@ -57,10 +58,12 @@ const required = [
   'prebuilds/linux-x64/kvstash-x86-64-v4.so', 'prebuilds/linux-x64/kvstash-x86-64-v4+vnni.so',
   'prebuilds/linux-arm64/kvstash.node', 'prebuilds/linux-arm64/kvstash-armv8-a.so', 'prebuilds/linux-arm64/kvstash-armv8.2-a+dotprod+fp16.so',
   'CMakeLists.txt', 'cmake/aarch64-linux-gnu.cmake', 'binding/addon.cpp', 'scripts/install.js', 'scripts/build-native.js', 'scripts/fetch-llama.js',
+  'models/ggml-vocab-qwen2.gguf',
 ];
 const forbidden = [/^test\//, /^deps\//, /^build/, /^node_modules\//, /\.gguf$/, /^scratch\//, /^bench-results\//, /\.map$/, /^lib\//, /^\.ci\//, /\.tgz$/];
 const missing = required.filter((f) => !files.includes(f));
-const extra = files.filter((f) => forbidden.some((re) => re.test(f)));
+// The one GGUF shipped: the vocab of the synthetic models (scripts/vocab.js).
+const extra = files.filter((f) => f !== 'models/ggml-vocab-qwen2.gguf' && forbidden.some((re) => re.test(f)));
 const notices = require('fs').readFileSync('THIRD_PARTY_NOTICES', 'utf8');
 if (missing.length) throw new Error(`the tarball lacks ${missing.join(', ')}`);
 if (extra.length) throw new Error(`the tarball must not hold ${extra.slice(0, 10).join(', ')}`);
@@ -72,7 +75,8 @@ EOF
 # 2. a PATH without compilers ------------------------------------------------------------------
 nocc="$work/bin-no-compilers"
 mkdir -p "$nocc"
-hidden='^(cc|c\+\+|c89|c99|cpp|gcc|g\+\+|clang|clang\+\+|tcc|cmake|ctest|cpack|ccmake|make|gmake|ninja|ccache|ld|ld\..*|as|(.*-)?(gcc|g\+\+|cpp|c\+\+|cc)(-[0-9.]+)?|clang.*|.*-linux-gnu-.*)$'
+# git too: the installed package must get its synthetic models' tokenizer without it (issue 21).
+hidden='^(git|cc|c\+\+|c89|c99|cpp|gcc|g\+\+|clang|clang\+\+|tcc|cmake|ctest|cpack|ccmake|make|gmake|ninja|ccache|ld|ld\..*|as|(.*-)?(gcc|g\+\+|cpp|c\+\+|cc)(-[0-9.]+)?|clang.*|.*-linux-gnu-.*)$'
 IFS=: read -r -a path_dirs <<<"$PATH"
 for dir in "${path_dirs[@]}"; do
   [ -d "$dir" ] || continue
@@ -83,10 +87,10 @@ for dir in "${path_dirs[@]}"; do
     [ -e "$nocc/$name" ] || ln -s "$(readlink -f "$exe")" "$nocc/$name"
   done
 done
-for tool in cc gcc g++ c++ clang cmake make ninja; do
+for tool in cc gcc g++ c++ clang cmake make ninja git; do
   if PATH="$nocc" command -v "$tool" >/dev/null 2>&1; then die "$tool is still on the compiler-free PATH"; fi
 done
-say "compiler-free PATH ready (cc, gcc, g++, c++, clang, cmake, make, ninja: not found)"
+say "compiler-free PATH ready (cc, gcc, g++, c++, clang, cmake, make, ninja, git: not found)"
 
 # The consumers. Both write the tiny model, decode a prompt, then generate greedily with a prompt
 # cache, and print one JSON line that the check compares across consumers and machines.
@@ -184,12 +188,12 @@ grep -q 'using the prebuilt binary prebuilds/linux-x64/kvstash.node' "$work/x64-
   { cat "$work/x64-install.log" >&2; die "the install did not report using the linux-x64 prebuilt binary"; }
 [ ! -e "$x64/node_modules/kvstash/build" ] || die "the install built something (node_modules/kvstash/build exists)"
 (cd "$x64" && PATH="$nocc" node_modules/.bin/tsc -p tsconfig.json) || die "tsc --strict failed on the ESM/TypeScript consumer"
-# A cache directory of their own: the first consumer fetches the tokenizer of the synthetic model
-# (the one file of llama.cpp's tree it needs) into it, as a user's first run does.
+# A cache directory of their own, empty: the tokenizer of the synthetic model (the one file of
+# llama.cpp's tree it needs) comes from the package, not from a fetch into it (which needs git).
 export XDG_CACHE_HOME="$work/user-cache"
 (cd "$x64" && PATH="$nocc" node consumer.cjs >"$work/x64-cjs.json" && PATH="$nocc" node consumer.mjs >"$work/x64-esm.json") ||
   die "a consumer failed on linux-x64"
-[ -f "$XDG_CACHE_HOME"/kvstash/llama.cpp-*/models/ggml-vocab-qwen2.gguf ] || die "the tokenizer was not fetched into the user cache"
+! compgen -G "$XDG_CACHE_HOME/kvstash/llama.cpp-*" >/dev/null || die "the consumers fetched the tokenizer into the user cache instead of using the package's"
 [ ! -e "$x64/node_modules/kvstash/deps" ] || die "the consumers fetched a llama.cpp tree into the installed package"
 expected_x64="$(node -e "
   const f = require('fs').readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)[1].split(/\s+/);

@@ -14,13 +14,17 @@ interface LlamaFetcher {
 
 /**
  * Path of the Qwen2 vocab-only GGUF from the llama.cpp source tree (a real tokenizer for synthetic
- * models). A checkout or a source-built install has the tree in deps/llama.cpp; an install from
- * prebuilt binaries has none, so the one file is fetched once (from the pinned npm package that
- * carries llama.cpp, as the source build does) into the user's cache directory.
+ * models). A checkout or a source-built install has the tree in deps/llama.cpp; the published
+ * package carries the one file at the same path below its root (scripts/vocab.js copies it when
+ * packing), so an install from prebuilt binaries needs neither git nor the network. Only a
+ * checkout without either (its install skipped) fetches it once, from the pinned npm package that
+ * carries llama.cpp as a git bundle, into the user's cache directory.
  */
 export function qwen2VocabPath(): string {
   const inTree = path.join(packageRoot, 'deps', 'llama.cpp', VOCAB);
   if (fs.existsSync(inTree)) return inTree;
+  const shipped = path.join(packageRoot, VOCAB);
+  if (fs.existsSync(shipped)) return shipped;
   let fetchError: unknown;
   let cached: string | undefined;
   try {
