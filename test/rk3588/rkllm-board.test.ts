@@ -36,6 +36,10 @@ if (!modelPath) {
     for (const [label, r] of Object.entries({ cold, created, resident, loaded })) {
       t.comment(`${label}: prefill ${r.prefillTokens} tokens in ${r.prefillMs.toFixed(0)} ms, ttft ${r.ttftMs?.toFixed(0)} ms: ${JSON.stringify(r.text)}`);
     }
+    // topK 1 is greedy: an answer from a cached system prompt is the cold answer, word for word.
+    t.equal(created.text, cold.text, 'the answer that created the cache is the cold one');
+    t.equal(resident.text, cold.text, 'the answer from the resident cache is the cold one');
+    t.equal(loaded.text, cold.text, 'the answer from the loaded cache is the cold one');
     t.ok(resident.prefillTokens < cold.prefillTokens, 'the resident cache saved prefill');
     t.ok(loaded.prefillTokens < cold.prefillTokens, 'the loaded cache saved prefill');
   });
