@@ -93,7 +93,8 @@ export interface NativeContext {
   saveStateFile(path: string, sequence: number, tokens: Int32Array): Promise<void>;
   loadStateFile(path: string, sequence: number): Promise<Int32Array>;
   exportState(sequence: number): Promise<Buffer>;
-  importState(bytes: Uint8Array, sequence: number): Promise<void>;
+  /** `tokens`: the count the state's header lists (checked before and after the import), or undefined. */
+  importState(bytes: Uint8Array, sequence: number, tokens?: number): Promise<void>;
   /** Verifies bytes [0, checkedLength) chunk by chunk while it imports the payload range. */
   importVerifiedStateFile(
     path: string,
@@ -107,6 +108,10 @@ export interface NativeContext {
     payloadLength: number,
     /** False: the helper thread does not read ahead, and every bulk chunk is read straight from the file. */
     readAhead: boolean,
+    /** The token count the entry's header lists (the sequence must then hold exactly [0, tokens)). */
+    tokens: number | undefined,
+    /** The open entry file, read with pread and left open; `path` only names it in messages. */
+    fd: number,
   ): Promise<{ chunks: number; bouncedChunks: number }>;
   dispose(): void;
 }
@@ -200,8 +205,8 @@ export interface NativeRkllmPerf {
 }
 
 export interface NativeRkllmRunResult {
-  text: string;
-  chunks: string[];
+  /** The UTF-8 bytes of each token as the runtime gave them (a character may span two). */
+  chunks: Uint8Array[];
   tokenIds: Int32Array;
   /** The runtime sent RKLLM_RUN_FINISH. */
   finished: boolean;
@@ -219,7 +224,7 @@ export interface NativeRkllmRuntimeInfo {
 }
 
 /** Chunks may arrive after run() settled: `index` orders them and tells which the result already holds. */
-export type NativeRkllmTokenCallback = (text: string, tokenId: number, index: number) => void;
+export type NativeRkllmTokenCallback = (bytes: Uint8Array, tokenId: number, index: number) => void;
 
 export interface NativeRkllmRuntime {
   info(): NativeRkllmRuntimeInfo;
@@ -242,7 +247,7 @@ export interface NativeRkllmRuntime {
 export interface NativeBinding {
   LlamaSampler: new (options: NativeSamplerOptions) => NativeSampler;
   /** Opens librkllmrt.so (path, else RKLLM_LIB_PATH, else the system search path); throws E_RKLLM_UNAVAILABLE. */
-  RkllmRuntime: new (libraryPath: string | undefined, version: NativeRkllmVersion) => NativeRkllmRuntime;
+  RkllmRuntime: new (libraryPath: string | undefined, version: NativeRkllmVersion | undefined) => NativeRkllmRuntime;
   loadModel(path: string, options: { useMmap?: boolean }, onProgress?: ProgressCallback): Promise<NativeModel>;
   /** XXH64 (seed 0) or CRC-32C of the parts, concatenated: an entry's table checksum. */
   checksum(parts: readonly Uint8Array[], scheme: DigestScheme): Promise<bigint>;
@@ -253,6 +258,12 @@ export interface NativeBinding {
   chunkChecksums(parts: readonly Uint8Array[], chunkBytes: number, scheme: DigestScheme): Promise<Buffer>;
   /** How CRC-32C is computed on this CPU: by instruction, or by table (portable, slower). */
   crc32cImplementation(): 'sse4.2' | 'armv8-crc' | 'table';
+  /** Takes an exclusive advisory lock (F_OFD_SETLK, else flock) on the open file `fd` without
+   * waiting: false when another open file description holds it. The kernel drops it on close or
+   * when the process dies. Throws a Node-style system error (code ENOLCK, ...) otherwise. */
+  tryLockFile(fd: number): boolean;
+  /** Drops `fd`'s lock taken by tryLockFile. */
+  unlockFile(fd: number): void;
   quantize(source: string, destination: string, type: string, threads: number): Promise<void>;
   setErrorClass(errorClass: typeof KvstashError): void;
   setLogLevel(level: number): void;

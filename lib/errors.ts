@@ -5,7 +5,7 @@
  */
 export type KvstashErrorCode =
   | 'E_MODEL_LOAD' // the model file is missing, unreadable, or llama.cpp refused it
-  | 'E_MODEL_FORMAT' // the file is not a GGUF, or is truncated
+  | 'E_MODEL_FORMAT' // the file is not a GGUF, is truncated, or has metadata llama.cpp would abort on
   | 'E_CONTEXT_CREATE' // llama.cpp could not create a context (usually: not enough memory)
   | 'E_DECODE' // llama_decode failed inside llama.cpp
   | 'E_CONTEXT_FULL' // no free KV cells for the batch: remove tokens or use a larger context
@@ -21,6 +21,7 @@ export type KvstashErrorCode =
   | 'E_STATE_SAVE' // writing state failed
   | 'E_CACHE_CORRUPT' // a cache entry failed its checksum, magic, version or length check
   | 'E_CACHE_MISMATCH' // a cache entry is from another model or an incompatible context
+  | 'E_CACHE_NOT_FILE' // a cache entry's path names a FIFO, device, socket, directory or symlink: never opened, never deleted
   | 'E_DISPOSED' // the object was disposed
   | 'E_BUSY' // another operation holds the context and the caller asked not to wait
   | 'E_ABORTED' // an AbortSignal fired
@@ -28,10 +29,13 @@ export type KvstashErrorCode =
   | 'E_SESSION_NOT_FOUND' // Session.resume of an id that has no transcript
   | 'E_SESSION_EXISTS' // Session.open of an id that already has one
   | 'E_SESSION_LOCKED' // the session is open in another (live) process
+  | 'E_SESSION_CORRUPT' // a transcript damaged before its last record, or a session file that is a symlink or not a regular file
+  | 'E_IO' // the file system refused a write or read (disk full, quota, file too large, I/O error); `cause` has the system error
   | 'E_NATIVE_UNAVAILABLE' // the native addon could not be loaded
   | 'E_NATIVE' // an unexpected failure inside the native layer (a bug: please report it)
   | 'E_RKLLM_UNAVAILABLE' // librkllmrt.so or one of its symbols is missing
-  | 'E_RKLLM_CALL'; // an RKLLM call returned an error
+  | 'E_RKLLM_CALL' // an RKLLM call returned an error
+  | 'E_RKLLM_VERSION'; // librkllmrt.so speaks another ABI than the declared runtimeVersion, or an unknown one
 
 export class KvstashError extends Error {
   readonly code: KvstashErrorCode;

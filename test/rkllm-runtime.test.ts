@@ -296,11 +296,13 @@ for (const version of FAKE_VERSIONS) {
       let chunks = 0;
       const running = slowly(() => runtime.run({ prompt: 'long answer please', onToken: () => chunks++ }));
       const queued = runtime.run({ prompt: 'queued' });
+      // It rejects as soon as dispose() is called: the handler must be there before.
+      const queuedRejects = t.rejects(queued, { code: 'E_DISPOSED' }, 'a queued run never starts');
       await waitUntil(() => chunks >= 1, 'the first chunk');
       const disposed = runtime.dispose();
       t.equal(runtime.isDisposed, true);
       await t.rejects(running, { code: 'E_DISPOSED' });
-      await t.rejects(queued, { code: 'E_DISPOSED' }, 'a queued run never starts');
+      await queuedRejects;
       await disposed;
       const destroy = log.last('rkllm_destroy');
       t.equal(destroy.status, 0);

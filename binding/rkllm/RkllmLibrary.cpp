@@ -2,7 +2,9 @@
 
 #include <dlfcn.h>
 
+#include <cstddef>
 #include <cstring>
+#include <new>
 
 #include "common/Errors.h"
 
@@ -106,7 +108,8 @@ std::optional<RkllmVersion> ParseRkllmVersion(const std::string& text) {
 
 const char* RkllmVersionName(RkllmVersion version) { return version == RkllmVersion::V130 ? "1.3.0" : "1.2.1"; }
 
-std::unique_ptr<RkllmLibrary> RkllmLibrary::Open(const std::string& path, const std::string& source, RkllmVersion version) {
+std::unique_ptr<RkllmLibrary> RkllmLibrary::Open(const std::string& path, const std::string& source,
+                                                 std::optional<RkllmVersion> declared) {
   dlerror();
   // RTLD_NOW: a missing dependency of the runtime (libomp on Android, a libc too old) fails here,
   // not at the first call. RTLD_NODELETE: dlclose drops our reference but never unmaps the code,
@@ -117,35 +120,149 @@ std::unique_ptr<RkllmLibrary> RkllmLibrary::Open(const std::string& path, const 
     throw NativeError("E_RKLLM_UNAVAILABLE", "the RKLLM runtime could not be loaded from '" + path + "' (" + source +
                                                  "): " + (reason ? reason : "unknown dlopen error") + ". " + kFixHint);
   }
-  std::unique_ptr<RkllmLibrary> lib(new RkllmLibrary(dl, path, version));
-  lib->createDefaultParam_ = lib->Resolve("rkllm_createDefaultParam", source);
-  lib->init_ = lib->Resolve("rkllm_init", source);
-  lib->run_ = lib->Resolve("rkllm_run", source);
-  lib->loadLora = reinterpret_cast<rkllm_load_lora_fn>(lib->Resolve("rkllm_load_lora", source));
-  lib->loadPromptCache = reinterpret_cast<rkllm_load_prompt_cache_fn>(lib->Resolve("rkllm_load_prompt_cache", source));
+  std::unique_ptr<RkllmLibrary> lib(new RkllmLibrary(dl, path, declared.value_or(RkllmVersion::V130)));
+  // 1.2.1 added rkllm_get_kv_cache_size and rkllm_set_function_tools (the 1.2.1 beta "1.2.1b1",
+  // 1.2.0 and 1.1.x lack both, and differ in callback and struct layouts): without them the library
+  // is older than anything kvstash declares, whatever was declared. Checked before the other
+  // symbols so that the message says so.
+  for (const char* since121 : {"rkllm_get_kv_cache_size", "rkllm_set_function_tools"}) {
+    dlerror();
+    if (dlsym(dl, since121) == nullptr) {
+      throw NativeError("E_RKLLM_UNAVAILABLE",
+                        "the RKLLM runtime at '" + path + "' (" + source + ") has no symbol " + since121 +
+                            ": it is older than runtime 1.2.1 (1.2.1b1, 1.2.0 or 1.1.x, whose ABI kvstash does "
+                            "not speak) or not librkllmrt.so. Install runtime 1.2.1 or later (1.3.0 preferred) and "
+                            "point `libraryPath`/RKLLM_LIB_PATH at it; the `runtimeVersion` option cannot change this");
+    }
+  }
+  lib->createDefaultParam_ = lib->Resolve("rkllm_createDefaultParam", source, declared);
+  lib->init_ = lib->Resolve("rkllm_init", source, declared);
+  lib->run_ = lib->Resolve("rkllm_run", source, declared);
+  lib->loadLora = reinterpret_cast<rkllm_load_lora_fn>(lib->Resolve("rkllm_load_lora", source, declared));
+  lib->loadPromptCache =
+      reinterpret_cast<rkllm_load_prompt_cache_fn>(lib->Resolve("rkllm_load_prompt_cache", source, declared));
   lib->releasePromptCache =
-      reinterpret_cast<rkllm_release_prompt_cache_fn>(lib->Resolve("rkllm_release_prompt_cache", source));
-  lib->destroy = reinterpret_cast<rkllm_destroy_fn>(lib->Resolve("rkllm_destroy", source));
-  lib->abort = reinterpret_cast<rkllm_abort_fn>(lib->Resolve("rkllm_abort", source));
-  lib->isRunning = reinterpret_cast<rkllm_is_running_fn>(lib->Resolve("rkllm_is_running", source));
-  lib->clearKvCache = reinterpret_cast<rkllm_clear_kv_cache_fn>(lib->Resolve("rkllm_clear_kv_cache", source));
-  lib->getKvCacheSize = reinterpret_cast<rkllm_get_kv_cache_size_fn>(lib->Resolve("rkllm_get_kv_cache_size", source));
-  lib->setChatTemplate = reinterpret_cast<rkllm_set_chat_template_fn>(lib->Resolve("rkllm_set_chat_template", source));
+      reinterpret_cast<rkllm_release_prompt_cache_fn>(lib->Resolve("rkllm_release_prompt_cache", source, declared));
+  lib->destroy = reinterpret_cast<rkllm_destroy_fn>(lib->Resolve("rkllm_destroy", source, declared));
+  lib->abort = reinterpret_cast<rkllm_abort_fn>(lib->Resolve("rkllm_abort", source, declared));
+  lib->isRunning = reinterpret_cast<rkllm_is_running_fn>(lib->Resolve("rkllm_is_running", source, declared));
+  lib->clearKvCache = reinterpret_cast<rkllm_clear_kv_cache_fn>(lib->Resolve("rkllm_clear_kv_cache", source, declared));
+  lib->getKvCacheSize =
+      reinterpret_cast<rkllm_get_kv_cache_size_fn>(lib->Resolve("rkllm_get_kv_cache_size", source, declared));
+  lib->setChatTemplate =
+      reinterpret_cast<rkllm_set_chat_template_fn>(lib->Resolve("rkllm_set_chat_template", source, declared));
   lib->setFunctionTools =
-      reinterpret_cast<rkllm_set_function_tools_fn>(lib->Resolve("rkllm_set_function_tools", source));
+      reinterpret_cast<rkllm_set_function_tools_fn>(lib->Resolve("rkllm_set_function_tools", source, declared));
+
+  // The ABI from the library itself. 1.2.x and 1.3.0 export the same symbols, but their RKLLMParam
+  // differ (208 and 184 bytes), and rkllm_createDefaultParam returns it by value: through memory the
+  // caller provides. Called with room for kDefaultParamProbeBytes (more than any known layout), it
+  // can write its whole struct whatever its version, and which bytes it writes tell the layout.
+  bool written[kDefaultParamProbeBytes];
+  size_t extent = 0;
+  lib->ProbeDefaultParam(written, extent);
+  lib->defaultParamBytes_ = extent;
+  auto all = [&written](size_t from, size_t to) {
+    for (size_t i = from; i < to; ++i) if (!written[i]) return false;
+    return true;
+  };
+  auto none = [&written](size_t from, size_t to) {
+    for (size_t i = from; i < to; ++i) if (written[i]) return false;
+    return true;
+  };
+  std::optional<RkllmVersion> detected;
+  if (extent > sizeof(v130::RKLLMParam) && extent <= sizeof(v121::RKLLMParam)) {
+    // Written past 184 bytes: 1.3.0 never does. (A 1.2.x that zeroes its struct writes all 208.)
+    detected = RkllmVersion::V121;
+  } else if (extent <= sizeof(v130::RKLLMParam) && all(offsetof(v130::RKLLMParam, is_async), offsetof(v130::RKLLMParam, is_async) + 1) &&
+             all(offsetof(v130::RKLLMParam, extend_param), offsetof(v130::RKLLMParam, extend_param) + 4)) {
+    // 1.3.0's is_async (58) and extend_param.base_domain_id (60..63) sit in 1.2.x's padding before
+    // img_start: a 1.2.x that sets its fields one by one leaves them alone.
+    detected = RkllmVersion::V130;
+  } else if (extent <= sizeof(v121::RKLLMParam) && none(offsetof(v121::RKLLMParam, is_async) + 1, offsetof(v121::RKLLMParam, img_start)) &&
+             all(offsetof(v121::RKLLMParam, img_start), offsetof(v121::RKLLMParam, extend_param) + 4)) {
+    detected = RkllmVersion::V121;  // field by field: padding untouched, the image pointers set
+  }
+  if (!detected && declared) {
+    // The layout tells nothing certain (a runtime that writes few of its fields): the declaration
+    // decides, as before detection existed.
+    detected = declared;
+  }
+  if (!detected) {
+    throw NativeError("E_RKLLM_VERSION",
+                      "the RKLLM runtime at '" + path + "' (" + source + ") returns a default parameter struct of " +
+                          std::to_string(extent) + " written bytes, which matches no runtime kvstash knows (1.3.0: " +
+                          std::to_string(sizeof(v130::RKLLMParam)) + " bytes, 1.2.1-1.2.x: " +
+                          std::to_string(sizeof(v121::RKLLMParam)) +
+                          "). If it is runtime 1.3.0 or 1.2.1+, declare it with the `runtimeVersion` option ('1.3.0', "
+                          "or '1.2.1' for every 1.2.x from 1.2.1 on); else use one of those runtimes");
+  }
+  if (declared && *declared != *detected) {
+    throw NativeError("E_RKLLM_VERSION",
+                      "runtimeVersion '" + std::string(RkllmVersionName(*declared)) + "' was declared, but the RKLLM "
+                          "runtime at '" + path + "' (" + source + ") speaks the " + RkllmVersionName(*detected) +
+                          (*detected == RkllmVersion::V121 ? " (1.2.x)" : "") + " ABI (its rkllm_createDefaultParam "
+                          "writes " + std::to_string(extent) + " bytes). Remove the runtimeVersion option (kvstash "
+                          "detects the version) or declare '" + RkllmVersionName(*detected) + "'");
+  }
+  lib->version_ = *detected;
   return lib;
 }
 
-void* RkllmLibrary::Resolve(const char* name, const std::string& source) {
+namespace {
+// Declared as returning a struct of kDefaultParamProbeBytes: the caller then passes a buffer that
+// large (on LP64 and armhf alike, such a struct is returned through memory the caller owns), and a
+// callee with a smaller struct writes only its own bytes into it.
+struct OversizedParam {
+  unsigned char bytes[kDefaultParamProbeBytes];
+};
+using OversizedDefaultParamFn = OversizedParam (*)();
+
+// Fills `storage` with `fill`, then has the function return into it: constructing from the call's
+// result places the object (and so the callee's writes) right there, with no temporary between.
+void CallDefaultParamInto(void* function, OversizedParam* storage, unsigned char fill) {
+  std::memset(static_cast<void*>(storage), fill, sizeof *storage);
+  // The compiler may treat stores before an object's construction as dead (its lifetime starts
+  // anew): this barrier makes the filling happen.
+  asm volatile("" : : "r"(storage) : "memory");
+  new (storage) OversizedParam(reinterpret_cast<OversizedDefaultParamFn>(function)());
+}
+
+// The runtime's defaults in its layout `AbiParam`, never letting it write past our buffer.
+template <typename AbiParam>
+AbiParam DefaultParamAs(void* function) {
+  static_assert(sizeof(AbiParam) <= kDefaultParamProbeBytes, "probe buffer smaller than a known RKLLMParam");
+  OversizedParam storage;
+  CallDefaultParamInto(function, &storage, 0);
+  AbiParam out;
+  std::memcpy(static_cast<void*>(&out), storage.bytes, sizeof out);
+  return out;
+}
+}  // namespace
+
+void RkllmLibrary::ProbeDefaultParam(bool (&written)[kDefaultParamProbeBytes], size_t& extent) const {
+  // Two calls over two different fillings: a byte the function writes reads the same both times
+  // (its defaults are deterministic, as they must be), a byte it leaves alone keeps the filling.
+  OversizedParam a, b;
+  CallDefaultParamInto(createDefaultParam_, &a, 0xA5);
+  CallDefaultParamInto(createDefaultParam_, &b, 0x5A);
+  extent = 0;
+  for (size_t i = 0; i < kDefaultParamProbeBytes; ++i) {
+    written[i] = a.bytes[i] == b.bytes[i];
+    if (written[i]) extent = i + 1;
+  }
+}
+
+void* RkllmLibrary::Resolve(const char* name, const std::string& source, std::optional<RkllmVersion> declared) {
   dlerror();
   void* symbol = dlsym(dl_, name);
   if (symbol == nullptr) {
     throw NativeError("E_RKLLM_UNAVAILABLE",
-                      "the RKLLM runtime at '" + path_ + "' (" + source + ") has no symbol " + name +
-                          ", which runtime " + RkllmVersionName(version_) +
-                          " provides: it is another RKLLM version or not librkllmrt.so. Declare the version the "
-                          "library is with the `runtimeVersion` option ('1.3.0', or '1.2.1' for any 1.2.1+ 1.2.x "
-                          "runtime), or point `libraryPath`/RKLLM_LIB_PATH at the right librkllmrt.so");
+                      "the RKLLM runtime at '" + path_ + "' (" + source + ") has no symbol " + name + ", which runtime " +
+                          (declared ? RkllmVersionName(*declared) : "1.3.0 and 1.2.1+") +
+                          " provides: it is another RKLLM version or not librkllmrt.so. Point `libraryPath`/"
+                          "RKLLM_LIB_PATH at the right librkllmrt.so (runtime 1.3.0 or 1.2.1+; the `runtimeVersion` "
+                          "option is optional, kvstash reads the version from the library)");
   }
   return symbol;
 }
@@ -157,11 +274,11 @@ RkllmLibrary::~RkllmLibrary() {
 RkllmParams RkllmLibrary::DefaultParams() const {
   RkllmParams out;
   if (version_ == RkllmVersion::V130) {
-    v130::RKLLMParam p = reinterpret_cast<v130::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+    v130::RKLLMParam p = DefaultParamAs<v130::RKLLMParam>(createDefaultParam_);
     ReadCommonParams(p, out);
     out.ignoreEosToken = p.ignore_eos_token;
   } else {
-    v121::RKLLMParam p = reinterpret_cast<v121::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+    v121::RKLLMParam p = DefaultParamAs<v121::RKLLMParam>(createDefaultParam_);
     ReadCommonParams(p, out);
     out.imgStart = OptionalString(p.img_start);
     out.imgEnd = OptionalString(p.img_end);
@@ -172,7 +289,7 @@ RkllmParams RkllmLibrary::DefaultParams() const {
 
 int RkllmLibrary::Init(LLMHandle* handle, const RkllmParams& params, LLMResultCallback callback, void* userdata) {
   if (version_ == RkllmVersion::V130) {
-    v130::RKLLMParam p = reinterpret_cast<v130::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+    v130::RKLLMParam p = DefaultParamAs<v130::RKLLMParam>(createDefaultParam_);
     WriteCommonParams(params, p);
     p.ignore_eos_token = params.ignoreEosToken;
     callbacks_ = v130::RKLLMCallback{};
@@ -182,7 +299,7 @@ int RkllmLibrary::Init(LLMHandle* handle, const RkllmParams& params, LLMResultCa
     callbacks_.result_userdata = userdata;
     return reinterpret_cast<v130::rkllm_init_fn>(init_)(handle, &p, &callbacks_);
   }
-  v121::RKLLMParam p = reinterpret_cast<v121::rkllm_createDefaultParam_fn>(createDefaultParam_)();
+  v121::RKLLMParam p = DefaultParamAs<v121::RKLLMParam>(createDefaultParam_);
   WriteCommonParams(params, p);
   p.img_start = NullIfAbsent(params.imgStart);
   p.img_end = NullIfAbsent(params.imgEnd);

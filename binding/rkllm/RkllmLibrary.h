@@ -19,6 +19,10 @@ enum class RkllmVersion { V130, V121 };
 std::optional<RkllmVersion> ParseRkllmVersion(const std::string& text);
 const char* RkllmVersionName(RkllmVersion version);
 
+// The buffer rkllm_createDefaultParam returns into: larger than every known RKLLMParam (208 bytes)
+// with a wide margin, so a runtime of any version writes inside it.
+constexpr size_t kDefaultParamProbeBytes = 512;
+
 // The sampling fields: RKLLMParam holds them at init (both versions), RKLLMSamplingParam per run
 // (1.3.0 only).
 struct RkllmSampling {
@@ -73,14 +77,20 @@ struct RkllmRunRequest {
 
 class RkllmLibrary {
  public:
-  // dlopen(path) and resolve every function kvstash calls. `source` says where the path came from,
-  // for the error message. Throws NativeError E_RKLLM_UNAVAILABLE naming the path or the symbol.
-  static std::unique_ptr<RkllmLibrary> Open(const std::string& path, const std::string& source, RkllmVersion version);
+  // dlopen(path), resolve every function kvstash calls, and find the library's ABI from the library
+  // itself (symbols, then the size of the struct rkllm_createDefaultParam writes). `declared`, when
+  // given, must agree. `source` says where the path came from, for the error message. Throws
+  // NativeError E_RKLLM_UNAVAILABLE (no library, a symbol missing, a runtime older than 1.2.1) or
+  // E_RKLLM_VERSION (the declared version contradicts the library, or its layout is unknown).
+  static std::unique_ptr<RkllmLibrary> Open(const std::string& path, const std::string& source,
+                                            std::optional<RkllmVersion> declared);
   ~RkllmLibrary();
   RkllmLibrary(const RkllmLibrary&) = delete;
   RkllmLibrary& operator=(const RkllmLibrary&) = delete;
 
   RkllmVersion version() const { return version_; }
+  // Bytes rkllm_createDefaultParam wrote when probed, the evidence the version was read from.
+  size_t defaultParamBytes() const { return defaultParamBytes_; }
   const std::string& path() const { return path_; }
 
   RkllmParams DefaultParams() const;
@@ -103,11 +113,15 @@ class RkllmLibrary {
 
  private:
   RkllmLibrary(void* dl, std::string path, RkllmVersion version) : dl_(dl), path_(std::move(path)), version_(version) {}
-  void* Resolve(const char* name, const std::string& source);
+  void* Resolve(const char* name, const std::string& source, std::optional<RkllmVersion> declared);
+  // Calls rkllm_createDefaultParam into a kDefaultParamProbeBytes buffer: which bytes it writes,
+  // and the end of the last one.
+  void ProbeDefaultParam(bool (&written)[kDefaultParamProbeBytes], size_t& extent) const;
 
   void* dl_;
   std::string path_;
   RkllmVersion version_;
+  size_t defaultParamBytes_ = 0;
   void* createDefaultParam_ = nullptr;  // cast per version
   void* init_ = nullptr;
   void* run_ = nullptr;

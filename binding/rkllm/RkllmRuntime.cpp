@@ -8,16 +8,19 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <functional>
 #include <set>
+#include <thread>
+#include <unordered_map>
 #include <vector>
 
-#include "common/CallbackChannel.h"
 #include "common/Errors.h"
-#include "common/PromiseWorker.h"
 
 namespace kvstash {
 
 using namespace rkllm;
+
+class RkllmRunState;
 
 namespace {
 
@@ -151,29 +154,25 @@ const std::set<std::string> kSamplingKeys = {"topK",     "topP",        "tempera
                                              "presencePenalty", "mirostat", "mirostatTau", "mirostatEta"};
 
 // ---------------------------------------------------------------------------------------------
-// token stream: runtime thread → JS, without ever blocking the runtime
+// runs and their callbacks
 
-class TokenStream {
- public:
-  TokenStream(Napi::Env env, Napi::Value callback) : channel_(env, callback, "kvstash.rkllmTokens", &Arguments) {}
-
-  // Runtime thread. `index` lets JS put chunks in order and drop the ones the result already
-  // delivered: chunks queued here may reach JS after the run's promise settled.
-  void Send(uint32_t index, std::string text, int32_t tokenId) { channel_.Send({index, std::move(text), tokenId}); }
-  // Main thread, once the run is over.
-  void Release() { channel_.Release(); }
-
- private:
-  struct Chunk {
-    uint32_t index;
-    std::string text;
-    int32_t tokenId;
-  };
-  static std::vector<napi_value> Arguments(Napi::Env env, const Chunk& chunk) {
-    return {Napi::String::New(env, chunk.text), Napi::Number::New(env, chunk.tokenId), Napi::Number::New(env, chunk.index)};
-  }
-  CallbackChannel<Chunk> channel_;
+// What a run's callback receives as userdata is not a pointer but the run's number, looked up here.
+// A callback that arrives after its run ended (the runtime's own thread, late, or after rkllm_destroy
+// and garbage collection) finds no entry and is dropped: it never reaches freed memory, nor the text
+// of the next run. The registry is allocated once and never freed, because such a callback may come
+// at any time until the process ends (even during exit, after static destructors): a mutex and a
+// map are the few bytes that buy that.
+struct RunRegistry {
+  std::mutex mutex;
+  std::unordered_map<uintptr_t, RkllmRunState*> runs;
+  uintptr_t next = 2;
 };
+RunRegistry& Runs() {
+  static auto* registry = new RunRegistry();
+  return *registry;
+}
+// 1.3.0's RKLLMCallback.result_userdata (used only when rkllm_run passes none): no run.
+constexpr uintptr_t kNoRunUserdata = 1;
 
 int OnRkllmResult(RKLLMResult* result, void* userdata, LLMCallState state) noexcept;
 
@@ -182,11 +181,14 @@ int OnRkllmResult(RKLLMResult* result, void* userdata, LLMCallState state) noexc
 // Everything one run collects from the callback, which may fire on the runtime's own thread.
 class RkllmRunState {
  public:
-  RkllmRunState(Napi::Env env, Napi::Value onToken, RKLLMInferMode mode, const std::atomic<bool>* abort)
-      : stream_(env, onToken), mode_(mode), abort_(abort) {}
+  using Send = std::function<void(uint32_t index, std::string bytes, int32_t tokenId)>;
+  RkllmRunState(Send send, RKLLMInferMode mode, const std::atomic<bool>* abort)
+      : send_(std::move(send)), mode_(mode), abort_(abort) {}
 
-  // Runtime thread; never throws into the runtime.
+  // Runtime thread, under the registry's lock; never throws into the runtime.
   int OnResult(const RKLLMResult* r, LLMCallState state) {
+    // The run is over once the runtime said FINISH: anything it sends after that is not part of it.
+    if (finished_) return kCallbackContinue;
     if (state == RUN_ERROR) {
       errorState_ = true;
       return kCallbackContinue;
@@ -195,11 +197,12 @@ class RkllmRunState {
       perf_ = r->perf;
       if (state == RUN_NORMAL) {
         if (mode_ == INFER_GENERATE && (r->text != nullptr || r->token_id >= 0)) {
-          std::string text = r->text != nullptr ? r->text : "";
-          text_ += text;
+          // Bytes, not text: a character may be split across two callbacks, and JS decodes the
+          // stream as a whole (lib/rkllm/runtime.ts).
+          std::string bytes = r->text != nullptr ? r->text : "";
           tokenIds_.push_back(r->token_id);
-          chunks_.push_back(text);
-          stream_.Send(static_cast<uint32_t>(chunks_.size() - 1), std::move(text), r->token_id);
+          chunks_.push_back(bytes);
+          if (send_) send_(static_cast<uint32_t>(chunks_.size() - 1), std::move(bytes), r->token_id);
         }
         // The runtime's buffers live only during the callback: copy.
         const RKLLMResultLastHiddenLayer& h = r->last_hidden_layer;
@@ -222,13 +225,11 @@ class RkllmRunState {
   }
 
   bool errorState() const { return errorState_; }
-  void Release() { stream_.Release(); }
 
   Napi::Object ToJs(Napi::Env env) const {
     Napi::Object o = Napi::Object::New(env);
-    o.Set("text", Napi::String::New(env, text_));
     Napi::Array chunks = Napi::Array::New(env, chunks_.size());
-    for (size_t i = 0; i < chunks_.size(); ++i) chunks.Set(static_cast<uint32_t>(i), Napi::String::New(env, chunks_[i]));
+    for (size_t i = 0; i < chunks_.size(); ++i) chunks.Set(static_cast<uint32_t>(i), Bytes(env, chunks_[i]));
     o.Set("chunks", chunks);
     Napi::Int32Array ids = Napi::Int32Array::New(env, tokenIds_.size());
     std::copy(tokenIds_.begin(), tokenIds_.end(), ids.Data());
@@ -247,6 +248,11 @@ class RkllmRunState {
   }
 
  private:
+  static Napi::Uint8Array Bytes(Napi::Env env, const std::string& bytes) {
+    Napi::Uint8Array array = Napi::Uint8Array::New(env, bytes.size());
+    if (!bytes.empty()) std::memcpy(array.Data(), bytes.data(), bytes.size());
+    return array;
+  }
   static Napi::Object Matrix(Napi::Env env, const std::vector<float>& data, int width, int rows, const char* widthName) {
     Napi::Object m = Napi::Object::New(env);
     Napi::Float32Array array = Napi::Float32Array::New(env, data.size());
@@ -257,10 +263,9 @@ class RkllmRunState {
     return m;
   }
 
-  TokenStream stream_;
+  Send send_;
   RKLLMInferMode mode_;
   const std::atomic<bool>* abort_;
-  std::string text_;
   std::vector<std::string> chunks_;
   std::vector<int32_t> tokenIds_;
   RKLLMPerfStat perf_{};
@@ -273,12 +278,12 @@ class RkllmRunState {
 namespace {
 
 int OnRkllmResult(RKLLMResult* result, void* userdata, LLMCallState state) noexcept {
-  auto* channel = static_cast<RkllmRunChannel*>(userdata);
-  if (channel == nullptr) return kCallbackContinue;
   try {
-    std::lock_guard<std::mutex> lock(channel->mutex);
-    if (channel->current == nullptr) return kCallbackContinue;
-    return channel->current->OnResult(result, state);
+    RunRegistry& registry = Runs();
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    auto run = registry.runs.find(reinterpret_cast<uintptr_t>(userdata));
+    if (run == registry.runs.end()) return kCallbackContinue;  // a stale or foreign call: dropped
+    return run->second->OnResult(result, state);
   } catch (...) {
     return kCallbackContinue;  // out of memory while copying: the run reports what it has
   }
@@ -292,43 +297,125 @@ std::string StatusMessage(const char* function, int status) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// workers
+// tasks
 
-// Base of every slow runtime operation: holds the JS object alive, and releases the busy state on
-// both threads however the work ends.
-class RuntimeWorker : public PromiseWorker {
+// Base of every slow runtime operation. Not a libuv worker: each runs on a detached thread of its
+// own, because a runtime that never returns must not hang the process. libuv joins its pool threads
+// when the process exits (process.exit() included), so a pool thread stuck in rkllm_run would hold
+// the exit forever; a detached thread is simply ended with the process. The result comes back
+// through a thread-safe function, which also carries the token stream of a run (in order).
+//
+// Work() never touches JS values; every exception it throws becomes a coded KvstashError; Settle()
+// runs on the main thread on success and failure alike.
+class RuntimeTask {
  public:
-  RuntimeWorker(Napi::Env env, const char* name, RkllmRuntime* owner) : PromiseWorker(env, name), owner_(owner) {
+  // `claimsBusy`: an init/run/load operation (MarkIdle and FinishOperation when it ends), not dispose.
+  RuntimeTask(Napi::Env env, const char* name, RkllmRuntime* owner, bool claimsBusy, Napi::Value jsFunction = Napi::Value())
+      : owner_(owner), claimsBusy_(claimsBusy), deferred_(Napi::Promise::Deferred::New(env)) {
     ownerRef_ = Napi::Persistent(owner->Value());
+    Napi::Function fn = jsFunction.IsFunction() ? jsFunction.As<Napi::Function>()
+                                                : Napi::Function::New(env, [](const Napi::CallbackInfo&) {});
+    tsfn_ = Napi::ThreadSafeFunction::New(env, fn, name, 0, 1);
+    hasFunction_ = jsFunction.IsFunction();
+  }
+  virtual ~RuntimeTask() = default;
+
+  // Main thread. Owns itself from here on.
+  Napi::Promise Start() {
+    Napi::Promise promise = deferred_.Promise();
+    try {
+      std::thread(&RuntimeTask::Main, this).detach();
+    } catch (const std::exception& e) {
+      code_ = "E_NATIVE";
+      message_ = std::string("could not start a thread for the RKLLM runtime: ") + e.what();
+      failed_ = true;
+      if (claimsBusy_) owner_->MarkIdle();
+      tsfn_.Release();
+      Complete(Env());
+      delete this;
+    }
+    return promise;
   }
 
  protected:
   virtual void Work() = 0;
+  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
+  virtual void Settle() {}
 
-  void Run() final {
-    struct IdleOnExit {
-      RkllmRuntime* owner;
-      ~IdleOnExit() { owner->MarkIdle(); }
-    } idle{owner_};
-    Work();
+  Napi::Env Env() const { return deferred_.Env(); }
+  // Task thread: calls `deliver` on the main thread, with the JS function given at construction
+  // (a no-op one when none was). Never blocks; in order with everything else sent.
+  template <typename Data>
+  void Post(Data* data, void (*deliver)(Napi::Env, Napi::Function, Data*)) {
+    if (tsfn_.NonBlockingCall(data, deliver) != napi_ok) delete data;  // the environment is going away
   }
-
-  void Settle() override { owner_->FinishOperation(); }
+  bool hasFunction() const { return hasFunction_; }
 
   RkllmRuntime* owner_;
 
  private:
+  static void Main(RuntimeTask* task) {
+    try {
+      task->Work();
+    } catch (const NativeError& e) {
+      task->Fail(e.code(), e.what());
+    } catch (const std::exception& e) {
+      task->Fail("E_NATIVE", std::string("native failure: ") + e.what());
+    } catch (...) {
+      task->Fail("E_NATIVE", "native failure of unknown type");
+    }
+    if (task->claimsBusy_) task->owner_->MarkIdle();
+    Napi::ThreadSafeFunction tsfn = task->tsfn_;  // `task` may be gone once the call is queued
+    const napi_status queued = tsfn.NonBlockingCall(task, [](Napi::Env env, Napi::Function, RuntimeTask* done) {
+      done->Complete(env);
+      delete done;
+    });
+    // Not queued: the environment is being torn down, and the task (with its JS references) is
+    // left as it is rather than freed on a thread that may not touch them.
+    (void)queued;
+    tsfn.Release();
+  }
+
+  void Fail(std::string code, std::string message) {
+    code_ = std::move(code);
+    message_ = std::move(message);
+    failed_ = true;
+  }
+
+  void Complete(Napi::Env env) {
+    Napi::HandleScope scope(env);
+    if (claimsBusy_) owner_->FinishOperation();
+    Settle();
+    if (failed_) {
+      deferred_.Reject(MakeError(env, code_, message_).Value());
+      return;
+    }
+    try {
+      deferred_.Resolve(Result(env));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    }
+  }
+
+  bool claimsBusy_;
+  bool hasFunction_ = false;
+  Napi::Promise::Deferred deferred_;
   Napi::ObjectReference ownerRef_;
+  Napi::ThreadSafeFunction tsfn_;
+  std::string code_ = "E_NATIVE";
+  std::string message_;
+  bool failed_ = false;
 };
 
-class RuntimeInitWorker : public RuntimeWorker {
+class RuntimeInitTask : public RuntimeTask {
  public:
-  RuntimeInitWorker(Napi::Env env, RkllmRuntime* owner) : RuntimeWorker(env, "kvstash.rkllmInit", owner) {}
+  RuntimeInitTask(Napi::Env env, RkllmRuntime* owner) : RuntimeTask(env, "kvstash.rkllmInit", owner, true) {}
 
  protected:
   void Work() override {
     LLMHandle handle = nullptr;
-    const int status = owner_->library().Init(&handle, owner_->params(), OnRkllmResult, owner_->channel());
+    const int status = owner_->library().Init(&handle, owner_->params(), OnRkllmResult,
+                                              reinterpret_cast<void*>(kNoRunUserdata));
     if (status != 0) {
       // A failed init may or may not have set the handle; destroying a half-made one could crash
       // the runtime, so it is dropped.
@@ -338,37 +425,50 @@ class RuntimeInitWorker : public RuntimeWorker {
                                             "enough memory");
     }
     if (handle == nullptr) throw NativeError("E_RKLLM_CALL", "rkllm_init returned 0 but no handle");
+    version_ = owner_->library().version();
     owner_->AdoptHandle(handle);
   }
 
-  Napi::Value Result(Napi::Env env) override {
-    return ParamsToJs(env, owner_->params(), owner_->library().version());
-  }
+  // (A dispose() may have closed the library by now: the version was kept.)
+  Napi::Value Result(Napi::Env env) override { return ParamsToJs(env, owner_->params(), version_); }
+
+ private:
+  RkllmVersion version_ = RkllmVersion::V130;
 };
 
-class RuntimeRunWorker : public RuntimeWorker {
+class RuntimeRunTask : public RuntimeTask {
  public:
-  RuntimeRunWorker(Napi::Env env, RkllmRuntime* owner, RkllmRunRequest request, Napi::Value onToken,
-                   const std::atomic<bool>* abort)
-      : RuntimeWorker(env, "kvstash.rkllmRun", owner), request_(std::move(request)),
-        state_(env, onToken, request_.mode, abort) {}
+  RuntimeRunTask(Napi::Env env, RkllmRuntime* owner, RkllmRunRequest request, Napi::Value onToken,
+                 const std::atomic<bool>* abort)
+      : RuntimeTask(env, "kvstash.rkllmRun", owner, true, onToken), request_(std::move(request)),
+        state_(hasFunction() ? RkllmRunState::Send([this](uint32_t index, std::string bytes, int32_t tokenId) {
+                 Post(new Chunk{index, std::move(bytes), tokenId}, &DeliverChunk);
+               })
+                             : RkllmRunState::Send(),
+               request_.mode, abort) {}
 
  protected:
   void Work() override {
-    RkllmRunChannel* channel = owner_->channel();
+    // This run's own number: the runtime hands it back to the callback, which drops any other.
+    uintptr_t id;
     {
-      std::lock_guard<std::mutex> lock(channel->mutex);
-      channel->current = &state_;
+      RunRegistry& registry = Runs();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      id = registry.next++;
+      if (registry.next == 0) registry.next = 2;  // wraps only after 2^64 (2^32 on 32-bit) runs
+      registry.runs.emplace(id, &state_);
     }
     int status = 0;
     const bool entered = owner_->EnterRun();
     if (entered) {
-      status = owner_->library().Run(owner_->handle(), request_, channel);
+      status = owner_->library().Run(owner_->handle(), request_, reinterpret_cast<void*>(id));
       owner_->LeaveRun();
     }
     {
-      std::lock_guard<std::mutex> lock(channel->mutex);
-      channel->current = nullptr;
+      // From here on the state is this thread's alone: a callback in progress holds the lock.
+      RunRegistry& registry = Runs();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      registry.runs.erase(id);
     }
     if (owner_->DisposeRequested()) {
       throw NativeError("E_DISPOSED", "the RKLLM runtime was disposed while this run was in progress");
@@ -383,20 +483,32 @@ class RuntimeRunWorker : public RuntimeWorker {
 
   Napi::Value Result(Napi::Env env) override { return state_.ToJs(env); }
 
-  void Settle() override {
-    state_.Release();
-    RuntimeWorker::Settle();
+ private:
+  struct Chunk {
+    uint32_t index;
+    std::string bytes;
+    int32_t tokenId;
+  };
+  // Main thread: onToken(bytes, tokenId, index). A throwing onToken must not take the run down.
+  static void DeliverChunk(Napi::Env env, Napi::Function fn, Chunk* raw) {
+    std::unique_ptr<Chunk> chunk(raw);
+    if (env == nullptr || fn.IsEmpty()) return;
+    try {
+      Napi::Uint8Array bytes = Napi::Uint8Array::New(env, chunk->bytes.size());
+      if (!chunk->bytes.empty()) std::memcpy(bytes.Data(), chunk->bytes.data(), chunk->bytes.size());
+      fn.Call({bytes, Napi::Number::New(env, chunk->tokenId), Napi::Number::New(env, chunk->index)});
+    } catch (const Napi::Error&) {
+    }
   }
 
- private:
   RkllmRunRequest request_;
   RkllmRunState state_;
 };
 
-class RuntimeLoadLoraWorker : public RuntimeWorker {
+class RuntimeLoadLoraTask : public RuntimeTask {
  public:
-  RuntimeLoadLoraWorker(Napi::Env env, RkllmRuntime* owner, std::string path, std::string name, float scale)
-      : RuntimeWorker(env, "kvstash.rkllmLoadLora", owner), path_(std::move(path)), name_(std::move(name)), scale_(scale) {}
+  RuntimeLoadLoraTask(Napi::Env env, RkllmRuntime* owner, std::string path, std::string name, float scale)
+      : RuntimeTask(env, "kvstash.rkllmLoadLora", owner, true), path_(std::move(path)), name_(std::move(name)), scale_(scale) {}
 
  protected:
   void Work() override {
@@ -412,10 +524,10 @@ class RuntimeLoadLoraWorker : public RuntimeWorker {
   float scale_;
 };
 
-class RuntimeLoadPromptCacheWorker : public RuntimeWorker {
+class RuntimeLoadPromptCacheTask : public RuntimeTask {
  public:
-  RuntimeLoadPromptCacheWorker(Napi::Env env, RkllmRuntime* owner, std::string path)
-      : RuntimeWorker(env, "kvstash.rkllmLoadPromptCache", owner), path_(std::move(path)) {}
+  RuntimeLoadPromptCacheTask(Napi::Env env, RkllmRuntime* owner, std::string path)
+      : RuntimeTask(env, "kvstash.rkllmLoadPromptCache", owner, true), path_(std::move(path)) {}
 
  protected:
   void Work() override {
@@ -430,23 +542,16 @@ class RuntimeLoadPromptCacheWorker : public RuntimeWorker {
   std::string path_;
 };
 
-// dispose(): not a RuntimeWorker, because it does not claim the busy state: it waits for the
-// operation that holds it.
-class RuntimeDisposeWorker : public PromiseWorker {
+// dispose(): does not claim the busy state: it waits for the operation that holds it.
+class RuntimeDisposeTask : public RuntimeTask {
  public:
-  RuntimeDisposeWorker(Napi::Env env, RkllmRuntime* owner) : PromiseWorker(env, "kvstash.rkllmDispose"), owner_(owner) {
-    ownerRef_ = Napi::Persistent(owner->Value());
-  }
+  RuntimeDisposeTask(Napi::Env env, RkllmRuntime* owner) : RuntimeTask(env, "kvstash.rkllmDispose", owner, false) {}
 
  protected:
-  void Run() override {
+  void Work() override {
     const int status = owner_->WaitIdleAndRelease();
     if (status != 0) throw NativeError("E_RKLLM_CALL", StatusMessage("rkllm_destroy", status));
   }
-
- private:
-  RkllmRuntime* owner_;
-  Napi::ObjectReference ownerRef_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -511,15 +616,19 @@ Napi::Function RkllmRuntime::DefineClass(Napi::Env env) {
       });
 }
 
-// new RkllmRuntime(libraryPath: string | undefined, version: '1.3.0' | '1.2.1')
+// new RkllmRuntime(libraryPath: string | undefined, version?: '1.3.0' | '1.2.1'): the version is read
+// from the library; a declared one must agree with it.
 RkllmRuntime::RkllmRuntime(const Napi::CallbackInfo& info) : Napi::ObjectWrap<RkllmRuntime>(info) {
   Napi::Env env = info.Env();
-  if (!info[1].IsString()) throw Napi::TypeError::New(env, "RkllmRuntime: version must be a string");
-  std::string versionText = info[1].As<Napi::String>();
-  std::optional<RkllmVersion> version = ParseRkllmVersion(versionText);
-  if (!version) {
-    throw Napi::RangeError::New(env, "RkllmRuntime: runtimeVersion must be '1.3.0' or '1.2.1' (for 1.2.1 and later "
-                                     "1.2.x runtimes), got '" + versionText + "'");
+  std::optional<RkllmVersion> version;
+  if (!info[1].IsUndefined() && !info[1].IsNull()) {
+    if (!info[1].IsString()) throw Napi::TypeError::New(env, "RkllmRuntime: version must be a string");
+    std::string versionText = info[1].As<Napi::String>();
+    version = ParseRkllmVersion(versionText);
+    if (!version) {
+      throw Napi::RangeError::New(env, "RkllmRuntime: runtimeVersion must be '1.3.0' or '1.2.1' (for 1.2.1 and later "
+                                       "1.2.x runtimes), or left out, got '" + versionText + "'");
+    }
   }
   std::string path;
   if (!info[0].IsUndefined() && !info[0].IsNull()) {
@@ -534,7 +643,7 @@ RkllmRuntime::RkllmRuntime(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Rk
     librarySource_ = "the system library search path, as neither libraryPath nor RKLLM_LIB_PATH is set";
   }
   try {
-    library_ = RkllmLibrary::Open(path, librarySource_, *version);
+    library_ = RkllmLibrary::Open(path, librarySource_, version);
   } catch (const NativeError& e) {
     throw MakeError(env, e.code(), e.what());
   }
@@ -568,15 +677,19 @@ void RkllmRuntime::Shutdown() {
     std::lock_guard<std::mutex> lock(idleMutex_);
     if (inRun_ && handle_ != nullptr && library_) library_->abort(handle_);
   }
-  // Bounded: at exit, a worker that never leaves the runtime must not hang the process (the handle
-  // then stays, which the process's end frees anyway).
-  WaitIdleAndRelease(std::chrono::seconds(10));
+  // Bounded: at exit (and at environment teardown), a run that never leaves the runtime must not
+  // hang the process. Its thread is detached, so nothing else waits for it; the handle then stays,
+  // which the process's end frees anyway. Long enough for a runtime that honours rkllm_abort to stop.
+  WaitIdleAndRelease(std::chrono::seconds(2));
 }
 
 int RkllmRuntime::WaitIdleAndRelease(std::chrono::milliseconds limit) {
-  // dispose()'s worker, the cleanup hook and the destructor may all get here: one at a time.
-  std::lock_guard<std::mutex> releasing(releaseMutex_);
+  // dispose()'s task, the cleanup hook and the destructor may all get here: whoever takes the
+  // handle and the library out (under idleMutex_, once the runtime is idle) releases them. Nobody
+  // waits while holding anything another waiter needs, so a bounded wait stays bounded even while
+  // dispose() waits without limit for a run that never returns.
   LLMHandle handle = nullptr;
+  std::unique_ptr<RkllmLibrary> closing;
   {
     std::unique_lock<std::mutex> lock(idleMutex_);
     auto idle = [this] { return !running_; };
@@ -585,14 +698,10 @@ int RkllmRuntime::WaitIdleAndRelease(std::chrono::milliseconds limit) {
     else if (!idleCv_.wait_for(lock, limit, idle)) return 0;
     handle = handle_;
     handle_ = nullptr;
-  }
-  int status = 0;
-  if (handle != nullptr && library_) status = library_->destroy(handle);
-  std::unique_ptr<RkllmLibrary> closing;
-  {
-    std::lock_guard<std::mutex> lock(idleMutex_);
     closing = std::move(library_);
   }
+  int status = 0;
+  if (handle != nullptr && closing) status = closing->destroy(handle);
   closing.reset();  // dlclose
   return status;
 }
@@ -647,7 +756,7 @@ void RkllmRuntime::RequestAbort(Napi::Env env, bool reportFailure) {
   int status = 0;
   {
     std::lock_guard<std::mutex> lock(idleMutex_);
-    if (inRun_ && handle_ != nullptr) status = library_->abort(handle_);
+    if (inRun_ && handle_ != nullptr && library_) status = library_->abort(handle_);
   }
   if (status != 0 && reportFailure) CheckStatus(env, status, "rkllm_abort");
 }
@@ -729,7 +838,7 @@ Napi::Value RkllmRuntime::Init(const Napi::CallbackInfo& info) {
 
   params_ = std::move(p);
   BeginOperation();
-  return (new RuntimeInitWorker(env, this))->Start();
+  return (new RuntimeInitTask(env, this))->Start();
 }
 
 // run({prompt | tokens | embedding+embeddingTokens, role, enableThinking, keepHistory, mode, loraName,
@@ -823,7 +932,7 @@ Napi::Value RkllmRuntime::Run(const Napi::CallbackInfo& info) {
   }
 
   BeginOperation();
-  return (new RuntimeRunWorker(env, this, std::move(request), info[1], &abort_))->Start();
+  return (new RuntimeRunTask(env, this, std::move(request), info[1], &abort_))->Start();
 }
 
 // abort(): stops a running run (its promise rejects with E_ABORTED). No-op when nothing runs.
@@ -933,7 +1042,7 @@ Napi::Value RkllmRuntime::LoadLora(const Napi::CallbackInfo& info) {
   if (!std::isfinite(scale)) throw Napi::RangeError::New(env, "loadLora: scale must be finite");
   if (!FileExists(path)) throw MakeError(env, "E_MODEL_LOAD", "no LoRA adapter file at '" + path + "'");
   BeginOperation();
-  return (new RuntimeLoadLoraWorker(env, this, std::move(path), std::move(name), static_cast<float>(scale)))->Start();
+  return (new RuntimeLoadLoraTask(env, this, std::move(path), std::move(name), static_cast<float>(scale)))->Start();
 }
 
 // loadPromptCache(path) -> Promise<void>
@@ -943,7 +1052,7 @@ Napi::Value RkllmRuntime::LoadPromptCache(const Napi::CallbackInfo& info) {
   std::string path = Fields::CString(env, info[0], "loadPromptCache: path");
   if (!FileExists(path)) throw MakeError(env, "E_STATE_LOAD", "no prompt cache file at '" + path + "'");
   BeginOperation();
-  return (new RuntimeLoadPromptCacheWorker(env, this, std::move(path)))->Start();
+  return (new RuntimeLoadPromptCacheTask(env, this, std::move(path)))->Start();
 }
 
 Napi::Value RkllmRuntime::ReleasePromptCache(const Napi::CallbackInfo& info) {
@@ -965,7 +1074,7 @@ Napi::Value RkllmRuntime::Dispose(const Napi::CallbackInfo& info) {
   disposed_ = true;
   disposeRequested_.store(true);
   RequestAbort(env, false);
-  return (new RuntimeDisposeWorker(env, this))->Start();
+  return (new RuntimeDisposeTask(env, this))->Start();
 }
 
 }  // namespace kvstash

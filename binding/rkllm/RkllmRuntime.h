@@ -1,7 +1,8 @@
 // JS class RkllmRuntime: one librkllmrt.so loaded with dlopen and (after init) one RKLLM handle.
 //
-// Lifecycle: `new RkllmRuntime(libraryPath, version)` opens the library and resolves its symbols
-// (E_RKLLM_UNAVAILABLE when either is missing); `init(params)` creates the handle off the main
+// Lifecycle: `new RkllmRuntime(libraryPath, version?)` opens the library, resolves its symbols
+// (E_RKLLM_UNAVAILABLE when either is missing) and reads its ABI version from it (E_RKLLM_VERSION
+// when a declared version contradicts it); `init(params)` creates the handle off the main
 // thread; `dispose()` aborts a running run, waits until no worker is inside the runtime, calls
 // rkllm_destroy, then dlclose. The destructor (garbage collection, or environment teardown at exit)
 // does the same, and so do an environment cleanup hook (a run in progress keeps the object
@@ -28,15 +29,6 @@
 
 namespace kvstash {
 
-class RkllmRunState;
-
-// What the runtime's result callback receives as userdata: a stable address for the runtime's
-// lifetime, pointing at the run in progress (or none). The mutex makes a late callback after
-// rkllm_run returned find no run instead of freed memory.
-struct RkllmRunChannel {
-  std::mutex mutex;
-  RkllmRunState* current = nullptr;
-};
 
 class RkllmRuntime : public Napi::ObjectWrap<RkllmRuntime> {
  public:
@@ -48,7 +40,6 @@ class RkllmRuntime : public Napi::ObjectWrap<RkllmRuntime> {
   // Used by the workers: the slow-operation protocol.
   RkllmLibrary& library() { return *library_; }
   rkllm::LLMHandle handle() const { return handle_; }
-  RkllmRunChannel* channel() { return &channel_; }
   const RkllmParams& params() const { return params_; }
   void AdoptHandle(rkllm::LLMHandle handle);  // worker thread, init only
   // Marks the worker as inside rkllm_run, unless an abort came first (then returns false).
@@ -102,7 +93,6 @@ class RkllmRuntime : public Napi::ObjectWrap<RkllmRuntime> {
   // The last chat template and tools, kept alive in case the runtime keeps the pointers.
   std::string templateStrings_[3];
   std::string toolStrings_[3];
-  RkllmRunChannel channel_;
   CleanupHook cleanupHook_;
   bool cleanupHookPending_ = false;
 
@@ -112,7 +102,6 @@ class RkllmRuntime : public Napi::ObjectWrap<RkllmRuntime> {
   // `running_`: a slow operation was started and its worker has not left the runtime yet.
   // `inRun_`: the worker is inside rkllm_run, so rkllm_abort has something to stop.
   std::mutex idleMutex_;
-  std::mutex releaseMutex_;
   std::condition_variable idleCv_;
   bool running_ = false;
   bool inRun_ = false;

@@ -1,17 +1,16 @@
 import { EventEmitter } from 'node:events';
-import fsp from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import type { FinishReason } from '../generate/generate.js';
 import type { ChatMessage } from '../llama/model.js';
-import { OperationQueue } from '../llama/queue.js';
 import { requireString } from '../util/validate.js';
-import { RkllmRuntime, requireTokenLimit, type OpenRkllmRuntimeOptions, type RkllmPerf, type RkllmSampling } from './runtime.js';
+import { RkllmQueue, RkllmRuntime, requireTokenLimit, type OpenRkllmRuntimeOptions, type RkllmPerf, type RkllmSampling } from './runtime.js';
 import {
   createSystemPromptCache,
   defaultRkllmCacheDir,
   prepareSystemPromptCache,
   removeSystemPromptCache,
+  removeTemporaryPayload,
   rkllmModelIdentity,
   rkllmModelName,
   systemPromptCachePath,
@@ -143,10 +142,14 @@ export async function loadRkllmModel(path: string, options: LoadRkllmModelOption
  * continues with a full prefill.
  */
 export class RkllmModel extends EventEmitter {
-  private readonly queue = new OperationQueue();
+  private readonly queue = new RkllmQueue();
   private disposing: Promise<void> | undefined;
   /** [rendered system prompt, caching] the runtime's template and loaded cache correspond to. */
   private templateState: string | undefined;
+  /** How the cache of that system prompt was obtained: a failure is reported again, not retried,
+   * until the system prompt changes (making it costs a run, and a model that refused once refuses
+   * again). */
+  private templateUse: SystemPromptCacheUse = 'none';
   /** The entry file of the loaded prompt cache. */
   private loadedCache: string | undefined;
 
@@ -183,7 +186,10 @@ export class RkllmModel extends EventEmitter {
   generate(options: RkllmGenerateOptions): RkllmGeneration {
     const request = this.prepare(options);
     const stream = new ChunkStream();
-    const result = this.queue.run(() => this.runGeneration(request, stream), options.signal);
+    // After dispose() nothing starts, and nothing waits: not even behind a run that never returns.
+    const result = this.disposing
+      ? Promise.reject(disposedModelError())
+      : this.queue.run(() => this.runGeneration(request, stream), options.signal);
     result.then(
       () => stream.end(),
       (err: unknown) => stream.fail(err),
@@ -198,6 +204,7 @@ export class RkllmModel extends EventEmitter {
    * runtime. Idempotent. */
   dispose(): Promise<void> {
     if (!this.disposing) {
+      this.queue.closeWaiting(disposedModelError);
       this.disposing = Promise.all([this.runtime.dispose(), this.queue.drain()]).then(() => undefined);
     }
     return this.disposing;
@@ -275,7 +282,7 @@ export class RkllmModel extends EventEmitter {
   }
 
   private async runGeneration(request: PreparedGeneration, stream: ChunkStream): Promise<RkllmGenerationResult> {
-    if (this.disposing) throw new KvstashError('E_DISPOSED', 'the RKLLM model was disposed; load it again');
+    if (this.disposing) throw disposedModelError();
     const started = performance.now();
     const systemPromptCache = await this.useSystemPrompt(request.system, request.cache, request.signal);
     let firstChunkAt: number | undefined;
@@ -288,6 +295,7 @@ export class RkllmModel extends EventEmitter {
       ...(request.sampling !== undefined ? { sampling: request.sampling } : {}),
       signal: request.signal,
       onToken: (text) => {
+        if (text === '') return; // a token that ends inside a character: its text comes with the next
         firstChunkAt ??= performance.now();
         stream.push(text);
         request.onToken?.(text);
@@ -313,7 +321,7 @@ export class RkllmModel extends EventEmitter {
     const rendered = system === '' ? '' : this.chatTemplate.system.replace('{system}', () => system);
     const caching = cache && rendered !== '' && this.cacheDir !== null;
     const state = JSON.stringify([rendered, caching]);
-    if (state === this.templateState) return this.loadedCache ? 'resident' : 'none';
+    if (state === this.templateState) return this.loadedCache ? 'resident' : this.templateUse === 'failed' ? 'failed' : 'none';
 
     this.templateState = undefined; // until the runtime is known to match again
     if (this.loadedCache !== undefined) {
@@ -339,9 +347,10 @@ export class RkllmModel extends EventEmitter {
       }
     } finally {
       // The runtime has read the extracted file; the entry is what stays.
-      if (prepared !== undefined) await fsp.rm(prepared.payloadPath, { force: true }).catch(() => undefined);
+      if (prepared !== undefined) await removeTemporaryPayload(prepared.payloadPath);
     }
     this.templateState = state;
+    this.templateUse = use;
     return use;
   }
 
@@ -396,6 +405,10 @@ export class RkllmModel extends EventEmitter {
     };
     this.emit('problem', problem);
   }
+}
+
+function disposedModelError(): KvstashError {
+  return new KvstashError('E_DISPOSED', 'the RKLLM model was disposed; load it again');
 }
 
 /** Failures that only cost the cache; disposal and aborts end the generation instead. */

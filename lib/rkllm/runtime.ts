@@ -61,7 +61,9 @@ export interface RkllmParams {
 export interface OpenRkllmRuntimeOptions extends RkllmParams {
   /** Path of librkllmrt.so. Default: $RKLLM_LIB_PATH, else the system library search path. */
   libraryPath?: string;
-  /** The ABI the library speaks. Default '1.3.0'; '1.2.1' for every 1.2.x runtime from 1.2.1 on. */
+  /** The ABI the library speaks: '1.3.0', or '1.2.1' for every 1.2.x runtime from 1.2.1 on. Optional:
+   * kvstash reads it from the library, and a declared version that contradicts the library is refused
+   * (E_RKLLM_VERSION) instead of crashing. Needed only for a library whose layout is not conclusive. */
   runtimeVersion?: RkllmRuntimeVersion;
 }
 
@@ -88,15 +90,18 @@ export interface RkllmRunOptions {
   sampling?: Partial<RkllmSampling>;
   /** Runtime 1.3.0 only: most tokens to generate in this run. Default: the init maxNewTokens. */
   maxNewTokens?: number;
-  /** Called with each chunk of text as the runtime produces it, in order, all before run() resolves. */
+  /** Called once per generated token, in order, all before run() resolves, with the text that token
+   * completes: whole characters only ('' for a token that ends inside a multi-byte character, whose
+   * rest comes with the next one). */
   onToken?: (text: string, tokenId: number) => void;
-  /** Aborts the run (rkllm_abort); it rejects with E_ABORTED. */
+  /** Aborts the run (rkllm_abort), or takes it out of the queue at once if it has not started; it
+   * rejects with E_ABORTED. */
   signal?: AbortSignal;
 }
 
 export interface RkllmRunResult {
   text: string;
-  /** The text of every generated token, in order (concatenated: `text`). */
+  /** The text each generated token completes, in order (concatenated: `text`); whole characters only. */
   chunks: string[];
   tokenIds: Int32Array;
   /** Prefill/generate time (ms) and tokens, peak memory (MB), as the runtime reports them. */
@@ -132,7 +137,7 @@ export class RkllmRuntime {
   /** The library that was loaded, and where that path came from. */
   readonly libraryPath: string;
   readonly librarySource: string;
-  private readonly queue = new OperationQueue();
+  private readonly queue = new RkllmQueue();
   private disposing: Promise<void> | undefined;
   private readonly exitRegistration: WeakRef<NativeRkllmRuntime>;
 
@@ -143,7 +148,7 @@ export class RkllmRuntime {
    */
   static async open(modelPath: string, options: OpenRkllmRuntimeOptions = {}): Promise<RkllmRuntime> {
     requireString(modelPath, 'modelPath');
-    const version = options.runtimeVersion ?? '1.3.0';
+    const version = options.runtimeVersion;
     if (options.libraryPath !== undefined) requireString(options.libraryPath, 'libraryPath');
     const handle = new (native().RkllmRuntime)(options.libraryPath, version);
     try {
@@ -193,23 +198,57 @@ export class RkllmRuntime {
     }
     return this.enqueue(signal, async () => {
       // Chunks reach JS through a queue that may deliver the last ones after the run resolved:
-      // emit them in index order, and from the result whatever had not arrived yet.
-      let emitted = 0;
+      // decode them in index order, and from the result whatever had not arrived yet. They are the
+      // runtime's bytes: one streaming decoder (as the llama.cpp side's TextStream) holds back a
+      // character split across two tokens until it is complete.
+      const decoder = new TextDecoder('utf-8');
+      const chunks: string[] = [];
       let settled = false;
-      const emit = (text: string, tokenId: number, index: number): void => {
-        if (settled || index !== emitted) return;
-        emitted++;
+      const take = (bytes: Uint8Array, tokenId: number, index: number): void => {
+        if (settled || index !== chunks.length) return;
+        const text = decoder.decode(bytes, { stream: true });
+        chunks.push(text);
         onToken?.(text, tokenId);
       };
-      const abort = (): void => this.handle.abort();
+      // A failing rkllm_abort must not throw out of the listener (Node would rethrow it as an
+      // uncaught exception): the native side has already asked the run to stop from its callback,
+      // and the run rejects with E_ABORTED, the failure as its cause.
+      let abortFailure: unknown;
+      const abort = (): void => {
+        try {
+          this.handle.abort();
+        } catch (err) {
+          abortFailure = err;
+        }
+      };
       signal?.addEventListener('abort', abort, { once: true });
       try {
-        const result = await this.handle.run({ ...rest, ...(nativeTokens ? { tokens: nativeTokens } : {}) }, emit);
-        for (let i = emitted; i < result.chunks.length; i++) emit(result.chunks[i]!, result.tokenIds[i]!, i);
-        const { finished: _finished, ...out } = result;
-        return out;
+        const result = await this.handle.run({ ...rest, ...(nativeTokens ? { tokens: nativeTokens } : {}) }, take);
+        for (let i = chunks.length; i < result.chunks.length; i++) take(result.chunks[i]!, result.tokenIds[i]!, i);
+        settled = true;
+        // A character still incomplete at the end is invalid: it ends the text as U+FFFD.
+        const tail = decoder.decode();
+        if (tail !== '') {
+          if (chunks.length === 0) chunks.push(tail);
+          else chunks[chunks.length - 1] += tail;
+        }
+        if ((rest.mode ?? 'generate') === 'generate' && !result.finished) {
+          throw new KvstashError(
+            'E_RKLLM_CALL',
+            `rkllm_run returned without reporting RKLLM_RUN_FINISH after ${chunks.length} tokens: the runtime stopped ` +
+              'the generation early (its log on stderr may say why); the text is incomplete',
+          );
+        }
+        const { finished: _finished, chunks: _bytes, ...out } = result;
+        return { ...out, text: chunks.join(''), chunks };
       } catch (err) {
-        if (signal?.aborted && (err as KvstashError).code === 'E_ABORTED') throw abortError(signal);
+        if (signal?.aborted && (err as KvstashError).code === 'E_ABORTED') {
+          const aborted = abortError(signal);
+          if (abortFailure !== undefined) {
+            aborted.message += ` (rkllm_abort failed: ${(abortFailure as Error).message}; the run was stopped from its callback)`;
+          }
+          throw aborted;
+        }
         throw err;
       } finally {
         settled = true;
@@ -289,6 +328,8 @@ export class RkllmRuntime {
       // The native dispose aborts the running run at once; queued operations see `disposing` and
       // reject without touching the runtime.
       openRuntimes.delete(this.exitRegistration);
+      // Operations still waiting reject at once, even when the running one never returns.
+      this.queue.closeWaiting(disposedError);
       this.disposing = Promise.all([this.handle.dispose(), this.queue.drain()]).then(() => undefined);
     }
     return this.disposing;
@@ -300,6 +341,64 @@ export class RkllmRuntime {
       if (this.disposing) throw disposedError();
       return operation();
     }, signal);
+  }
+}
+
+/**
+ * An OperationQueue whose waiting operations can leave it at once: when their AbortSignal fires
+ * (E_ABORTED) or when the owner closes (closeWaiting). They never start then. An operation that has
+ * started handles its signal itself.
+ */
+export class RkllmQueue {
+  private readonly queue = new OperationQueue();
+  private readonly waiting = new Set<(err: unknown) => void>();
+
+  get size(): number {
+    return this.queue.size;
+  }
+
+  run<T>(operation: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    if (signal?.aborted) return Promise.reject(abortError(signal));
+    return new Promise<T>((resolve, reject) => {
+      let state: 'waiting' | 'started' | 'left' = 'waiting';
+      const leave = (err: unknown): void => {
+        if (state !== 'waiting') return;
+        state = 'left';
+        forget();
+        reject(err);
+      };
+      const onAbort = (): void => leave(abortError(signal!));
+      const forget = (): void => {
+        signal?.removeEventListener('abort', onAbort);
+        this.waiting.delete(leave);
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.waiting.add(leave);
+      this.queue
+        .run(async () => {
+          if (state === 'left') return undefined as T; // its turn came after it left: skip it
+          state = 'started';
+          forget();
+          return operation();
+        })
+        .then(
+          (value) => {
+            if (state === 'started') resolve(value);
+          },
+          (err: unknown) => {
+            if (state === 'started') reject(err);
+          },
+        );
+    });
+  }
+
+  /** Rejects every operation that has not started with `error()`. */
+  closeWaiting(error: () => unknown): void {
+    for (const leave of [...this.waiting]) leave(error());
+  }
+
+  drain(): Promise<void> {
+    return this.queue.drain();
   }
 }
 

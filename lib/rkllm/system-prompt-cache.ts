@@ -40,6 +40,7 @@ import { mismatchReason, type EntryIdentity } from '../cache/identity.js';
 import { DirectoryStore } from '../cache/store.js';
 import { KvstashError } from '../errors.js';
 import { userCacheDir } from '../util/paths.js';
+import { isProcessAlive } from '../util/process.js';
 
 export const RKLLM_PROMPT_CACHE_KIND = 'rkllm/prompt-cache' as const;
 /** How rkllmModelIdentity() samples and hashes an .rkllm file. */
@@ -145,10 +146,49 @@ export function systemPromptCachePath(cacheDir: string, key: SystemPromptCacheKe
 }
 
 let temporaryCounter = 0;
+/** This process's temporary files still in use (being written by the runtime, or to be loaded). */
+const temporariesInUse = new Set<string>();
+const TEMPORARY_NAME = /^\.rkllm-[0-9a-f]+-(\d+)-\d+\.prompt-cache$/;
 
 /** A hidden file beside the entries, never taken for one (PromptCache lists `*.kvstash` only). */
 function temporaryPayloadPath(cacheDir: string, key: string): string {
-  return path.join(cacheDir, `.rkllm-${key}-${process.pid}-${temporaryCounter++}.prompt-cache`);
+  const file = path.join(cacheDir, `.rkllm-${key}-${process.pid}-${temporaryCounter++}.prompt-cache`);
+  temporariesInUse.add(file);
+  return file;
+}
+
+/** Removes a temporary file and forgets it. */
+export async function removeTemporaryPayload(file: string): Promise<void> {
+  temporariesInUse.delete(file);
+  await fsp.rm(file, { force: true }).catch(() => undefined);
+}
+
+/**
+ * Removes the temporary files nobody uses any more: this process's that are no longer in use, and
+ * those of processes that have ended. A runtime may write its prompt cache after rkllm_run returned
+ * (then the entry was not made and the file came too late), and a process may die between writing
+ * and removing one: without this they would stay in the cache folder for ever. Files of other live
+ * processes are theirs.
+ */
+export async function sweepTemporaryPayloads(cacheDir: string): Promise<number> {
+  let names: string[];
+  try {
+    names = await fsp.readdir(cacheDir);
+  } catch {
+    return 0;
+  }
+  let removed = 0;
+  for (const name of names) {
+    const match = TEMPORARY_NAME.exec(name);
+    if (!match) continue;
+    const file = path.join(cacheDir, name);
+    const pid = Number(match[1]);
+    const ours = pid === process.pid;
+    if ((ours && temporariesInUse.has(file)) || (!ours && isProcessAlive(pid))) continue;
+    await fsp.rm(file, { force: true }).catch(() => undefined);
+    removed++;
+  }
+  return removed;
 }
 
 /**
@@ -169,11 +209,12 @@ export async function prepareSystemPromptCache(cacheDir: string, key: SystemProm
   if (reason) {
     throw new KvstashError('E_CACHE_MISMATCH', `cache entry ${entryPath} was not loaded: ${reason}`, { reason });
   }
+  await sweepTemporaryPayloads(cacheDir);
   const payloadPath = temporaryPayloadPath(cacheDir, entry.key);
   try {
     await fsp.writeFile(payloadPath, payload);
   } catch (err) {
-    await fsp.rm(payloadPath, { force: true }).catch(() => undefined);
+    await removeTemporaryPayload(payloadPath);
     throw err;
   }
   return { entryPath, payloadPath };
@@ -191,6 +232,7 @@ export async function createSystemPromptCache(
   write: (temporaryPath: string) => Promise<void>,
 ): Promise<PreparedSystemPromptCache> {
   await fsp.mkdir(cacheDir, { recursive: true });
+  await sweepTemporaryPayloads(cacheDir);
   const identity = systemPromptCacheIdentity(key);
   const store = new DirectoryStore(cacheDir);
   const entryKeyHex = systemPromptCacheKey(key);
@@ -215,7 +257,7 @@ export async function createSystemPromptCache(
     await store.write(entryKeyHex, header, payload);
     return { entryPath: store.pathOf(entryKeyHex), payloadPath };
   } catch (err) {
-    await fsp.rm(payloadPath, { force: true }).catch(() => undefined);
+    await removeTemporaryPayload(payloadPath);
     throw err;
   }
 }
