@@ -4,6 +4,7 @@
 #include "common/AddonData.h"
 #include "common/Checksum.h"
 #include "common/Errors.h"
+#include "common/FileLock.h"
 #include "llama/LlamaBackend.h"
 #include "llama/LlamaContext.h"
 #include "llama/LlamaModel.h"
@@ -31,6 +32,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("checksum", Napi::Function::New<Checksum>(env, "checksum"));
   exports.Set("chunkChecksums", Napi::Function::New<ChunkChecksums>(env, "chunkChecksums"));
   exports.Set("crc32cImplementation", Napi::Function::New<Crc32cImplementationName>(env, "crc32cImplementation"));
+  exports.Set("tryLockFile", Napi::Function::New<TryLockFile>(env, "tryLockFile"));
+  exports.Set("unlockFile", Napi::Function::New<UnlockFile>(env, "unlockFile"));
   exports.Set("quantize", Napi::Function::New<Quantize>(env, "quantize"));
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("setLogLevel", Napi::Function::New<SetLogLevel>(env, "setLogLevel"));
