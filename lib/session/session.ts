@@ -22,7 +22,8 @@ import type { ChatMessage } from '../llama/model.js';
 import type { SamplingOptions } from '../llama/sampler.js';
 import { OperationQueue } from '../llama/queue.js';
 import { requireInteger, requireString } from '../util/validate.js';
-import { Journal } from './journal.js';
+import { Journal, type JournalDamage } from './journal.js';
+import { ioError, ownFileExists, requireOwnDirectory } from './files.js';
 import { acquireLock, type Lock } from './lock.js';
 import { onProcessExit } from './exit-hooks.js';
 
@@ -90,6 +91,13 @@ export interface ResumeReport {
   skippedCheckpoints: Array<{ path: string; reason: string }>;
   /** Bytes of a torn last journal record that were dropped. */
   droppedJournalBytes: number;
+  /**
+   * Damage found before the journal's last intact record. Every intact record around it was
+   * recovered; the damaged bytes stay in the file (they are reported again on every resume) and
+   * the messages they held are missing from `history`. Empty `damaged` and 0 `lostBytes` when the
+   * transcript is whole.
+   */
+  journal: { damaged: JournalDamage[]; lostBytes: number };
 }
 
 export interface SessionStats {
@@ -176,10 +184,10 @@ export class Session {
     const lock = await acquireLock(dir);
     try {
       const file = path.join(dir, 'journal.kvj');
-      if (fs.existsSync(file) && fs.statSync(file).size > 0) {
+      if (((await ownFileExists(file, 'journal'))?.size ?? 0) > 0) {
         throw new KvstashError('E_SESSION_EXISTS', `session ${options.id} already exists in ${options.dir}; use Session.resume()`);
       }
-      const { journal } = await Journal.open<JournalRecord>(file, { create: true });
+      const { journal } = (await Journal.open<JournalRecord>(file, { create: true }))!;
       const meta: Extract<JournalRecord, { type: 'open' }> = {
         type: 'open',
         version: 1,
@@ -208,16 +216,38 @@ export class Session {
     const started = performance.now();
     const dir = sessionDir(options);
     const file = path.join(dir, 'journal.kvj');
-    if (!fs.existsSync(file)) throw new KvstashError('E_SESSION_NOT_FOUND', `no session ${options.id} in ${options.dir}`);
+    const notFound = () => new KvstashError('E_SESSION_NOT_FOUND', `no session ${options.id} in ${options.dir}`);
+    if (!(await ownFileExists(file, 'journal'))) throw notFound();
     const lock = await acquireLock(dir);
     try {
-      const { journal, records, droppedBytes } = await Journal.open<JournalRecord>(file, { create: false });
+      const opened = await Journal.open<JournalRecord>(file, { create: false });
+      if (!opened) throw notFound();
+      const { journal, records, droppedBytes, damaged, unreadableBytes } = opened;
       const meta = records[0];
       if (!meta || meta.type !== 'open') {
         await journal.close();
-        throw new KvstashError('E_SESSION_NOT_FOUND', `session ${options.id} in ${options.dir} has no readable transcript`);
+        // Empty, or only a torn first record (cut): Session.open() never completed, so there is
+        // no session, and open() may start one. Anything else is a session whose first record
+        // (its system prompt and template) is damaged: never "not found", which would invite the
+        // caller to start over in its place.
+        if (records.length === 0 && unreadableBytes === 0) throw notFound();
+        const intact = records.length === 0 ? 'no record is intact' : `${records.length} later records are intact`;
+        throw new KvstashError(
+          'E_SESSION_CORRUPT',
+          `session ${options.id} in ${options.dir} cannot be resumed: the first record of its journal ${file} (its system prompt and template) is damaged and ${intact}; the file is left unchanged: copy it aside, or remove the session directory to start the session anew`,
+          { reason: 'the journal\'s first record is damaged' },
+        );
       }
-      const report: ResumeReport = { path: 'prefill', restoredTokens: 0, evaluatedTokens: 0, ms: 0, skippedCheckpoints: [], droppedJournalBytes: droppedBytes };
+      const lostBytes = damaged.reduce((n, d) => n + d.bytes, 0);
+      const report: ResumeReport = {
+        path: 'prefill',
+        restoredTokens: 0,
+        evaluatedTokens: 0,
+        ms: 0,
+        skippedCheckpoints: [],
+        droppedJournalBytes: droppedBytes,
+        journal: { damaged, lostBytes },
+      };
       const session = new Session(options.id, dir, options.context, meta, journal, lock, options, report);
       for (const record of records.slice(1)) session.replay(record);
       await session.queue.run(() => session.restoreFromDisk(report));
@@ -439,9 +469,16 @@ export class Session {
   private async restoreFromDisk(report: ResumeReport): Promise<void> {
     const target = this.canonicalTokens(this.view, false);
     const here = contextIdentity(this.context);
-    for (const file of await this.listCheckpoints()) {
+    // Checkpoints only make resuming fast: checkpoints/ that is not the session's own directory
+    // is reported and passed over, and the transcript is evaluated instead.
+    const checkpoints = await this.listCheckpoints().catch((err: Error) => {
+      report.skippedCheckpoints.push({ path: this.checkpointDir, reason: err.message });
+      return [];
+    });
+    for (const { file, regular } of checkpoints) {
       try {
-        const entry = await readEntryFile(file);
+        if (!regular) throw new Error('it is not a regular file');
+        const entry = await readEntryFile(file); if (entry) throw new Error("TT-BROKEN");
         const reason = mismatchReason(entry.header, here);
         if (reason) throw new Error(reason);
         if (commonPrefix(entry.header.tokens, target) !== entry.header.tokenCount) throw new Error('its tokens are not a prefix of the transcript');
@@ -504,7 +541,13 @@ export class Session {
 
   private async writeCheckpoint(): Promise<{ path: string; tokens: number; bytes: number }> {
     this.requireOpen();
-    await fsp.mkdir(this.checkpointDir, { recursive: true });
+    // Checked before and after: mkdir succeeds on a symlink to a directory, and rotation below
+    // must never delete entries of a directory that is not the session's own.
+    await requireOwnDirectory(this.checkpointDir, 'checkpoints directory');
+    await fsp.mkdir(this.checkpointDir, { recursive: true }).catch((err: unknown) => {
+      throw ioError(err, `create ${this.checkpointDir}`);
+    });
+    await requireOwnDirectory(this.checkpointDir, 'checkpoints directory');
     const payload = await this.context.exportState({ sequence: this.sequence });
     const tokens = Array.from(this.held);
     const header: EntryHeader = {
@@ -517,23 +560,27 @@ export class Session {
     };
     const stamp = `${String(this.counters.turns).padStart(8, '0')}-${Date.now()}`;
     const file = path.join(this.checkpointDir, `${stamp}-${entryKey(header).slice(0, 8)}.kvstash`);
-    const bytes = await writeEntry(file, header, payload);
-    const all = await this.listCheckpoints();
-    for (const old of all.slice(this.checkpointOptions.keep)) await fsp.rm(old, { force: true });
+    const bytes = await writeEntry(file, header, payload).catch((err: unknown) => {
+      throw ioError(err, `write the checkpoint ${file}`);
+    });
+    const all = (await this.listCheckpoints()).filter((c) => c.regular);
+    for (const old of all.slice(this.checkpointOptions.keep)) await fsp.rm(old.file, { force: true });
     this.counters.checkpoints++;
     this.turnsSinceCheckpoint = 0;
     this.lastCheckpointAt = Date.now();
     return { path: file, tokens: tokens.length, bytes };
   }
 
-  /** Checkpoint files, newest first. */
-  private async listCheckpoints(): Promise<string[]> {
-    const names = await fsp.readdir(this.checkpointDir).catch(() => [] as string[]);
-    return names
-      .filter((n) => n.endsWith('.kvstash') && !n.startsWith('.'))
-      .sort()
-      .reverse()
-      .map((n) => path.join(this.checkpointDir, n));
+  /** Checkpoint files, newest first; `regular` is false for anything else named like one (a
+   * symlink, a FIFO, a directory), which is never opened or deleted. Rejects with
+   * E_SESSION_CORRUPT when checkpoints/ is not the session's own directory. */
+  private async listCheckpoints(): Promise<Array<{ file: string; regular: boolean }>> {
+    await requireOwnDirectory(this.checkpointDir, 'checkpoints directory');
+    const entries = await fsp.readdir(this.checkpointDir, { withFileTypes: true }).catch(() => [] as fs.Dirent[]);
+    return entries
+      .filter((e) => e.name.endsWith('.kvstash') && !e.name.startsWith('.'))
+      .sort((a, b) => (a.name < b.name ? 1 : a.name > b.name ? -1 : 0))
+      .map((e) => ({ file: path.join(this.checkpointDir, e.name), regular: e.isFile() }));
   }
 
   private systemMessages(): ChatMessage[] {
