@@ -3,13 +3,15 @@
 // number; it asserts no timing (the machine is shared, and the tiny model's timings mean little).
 // The exception: a build that is absent (no prebuilds/ before `npm run prebuild`, no build/Release in an
 // installed package) leaves its prompt-processing row and the prebuiltVsSource target unmeasured,
-// with the reason in the report.
+// with the exact reason in the report; a build that exists must be measured (test/helpers/builds.ts).
+// CI runs this file after `npm run prebuild` with KVSTASH_EXPECT_PREBUILDS=1: there both must be.
 import path from 'node:path';
 import fs from 'node:fs';
 import t from 'tap';
 import { BENCH_TYPES, ROWS, type BenchReport, type RowId } from '../lib/bench/bench.js';
 import type { Build } from '../lib/bench/prebuilt-vs-source.js';
 import { TARGET_IDS } from '../lib/bench/targets.js';
+import { absenceReason, builds } from './helpers/builds.js';
 import { requireBuiltCli, runCli } from './helpers/cli.js';
 import { skipUnderEmulation } from './helpers/fixtures.js';
 
@@ -21,6 +23,8 @@ const BUILD_ROWS: Partial<Record<RowId, Build>> = { prebuiltPromptTokensPerSecon
 t.before(() => requireBuiltCli());
 
 t.test('bench --quick: every row and every target, for every type, with numbers', { skip: skipUnderEmulation('timings under qemu mean nothing') }, async (t) => {
+  const have = builds();
+  if (have.expectPrebuilt) t.ok(have.prebuilt, 'KVSTASH_EXPECT_PREBUILDS=1: prebuilds/ exist (run this after npm run prebuild)');
   const dir = t.testdir();
   const out = path.join(dir, 'results');
   const { code, stdout, stderr } = await runBench(['--quick', '--json-only', '--repetitions', '2', '--out', out, '--cache-dir', dir]);
@@ -43,12 +47,17 @@ t.test('bench --quick: every row and every target, for every type, with numbers'
     t.equal(result.prompt.prefixTokens, 300, `${result.type}: a 300-token prefix`);
     t.equal(result.prompt.suffixTokens, 50, `${result.type}: a 50-token suffix`);
     t.equal(result.prebuiltVsSource.tokens, 512, `${result.type}: prompt processing of a 512-token batch`);
+    for (const build of ['prebuilt', 'source'] as const) {
+      const outcome = result.prebuiltVsSource[build];
+      if (!have[build]) t.match(outcome, { unavailable: absenceReason(build, have) }, `${result.type}: no ${build} build, and the report says why`);
+      else if (build === 'source') t.match(outcome, { cpuVariant: 'source', cpuFeatures: String }, `${result.type}: the source build was measured`);
+      else t.ok('cpuVariant' in outcome && have.variants.includes(outcome.cpuVariant), `${result.type}: a prebuilt CPU level was measured (${JSON.stringify(outcome)})`);
+    }
     for (const [id] of ROWS) {
       const value = result.rows[id];
       const build = BUILD_ROWS[id];
-      const outcome = build === undefined ? undefined : result.prebuiltVsSource[build];
-      if (outcome !== undefined && 'unavailable' in outcome) {
-        t.equal(value, null, `${result.type} ${id}: not measured (${outcome.unavailable.split('\n')[0]})`);
+      if (build !== undefined && !have[build]) {
+        t.equal(value, null, `${result.type} ${id}: not measured`);
         continue;
       }
       t.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${result.type} ${id} is a number (${value})`);
@@ -62,8 +71,7 @@ t.test('bench --quick: every row and every target, for every type, with numbers'
     t.same(targets.map((target) => target.id), [...TARGET_IDS], `${type}: every target, in order`);
     const result = report.results.find((r) => r.type === type)!;
     for (const target of targets) {
-      const { prebuilt, source } = result.prebuiltVsSource;
-      if (target.id === 'prebuiltVsSource' && ('unavailable' in prebuilt || 'unavailable' in source)) {
+      if (target.id === 'prebuiltVsSource' && !(have.prebuilt && have.source)) {
         t.equal(target.met, null, `${type} ${target.id}: not measured without both builds`);
         continue;
       }
