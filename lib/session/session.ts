@@ -478,7 +478,7 @@ export class Session {
     for (const { file, regular } of checkpoints) {
       try {
         if (!regular) throw new Error('it is not a regular file');
-        const entry = await readEntryFile(file); if (entry) throw new Error("TT-BROKEN");
+        const entry = await readEntryFile(file);
         const reason = mismatchReason(entry.header, here);
         if (reason) throw new Error(reason);
         if (commonPrefix(entry.header.tokens, target) !== entry.header.tokenCount) throw new Error('its tokens are not a prefix of the transcript');
