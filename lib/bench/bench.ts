@@ -31,6 +31,7 @@ import type { SyntheticShapeName } from '../models/synthetic.js';
 import { systemInfo } from '../system.js';
 import type { Ui } from '../tools/status.js';
 import { syntheticModelPath } from '../tools/synthetic-model.js';
+import { concat, sameTokens } from '../tools/tokens.js';
 import { median, round3, Series, type Samples } from './measure.js';
 import { NodeLlamaCppRunner, type NodeLlamaCppInfo } from './node-llama-cpp.js';
 import { ensurePeer, type PeerInstall } from './peer.js';
@@ -599,17 +600,3 @@ async function checkEvicted(evictor: RemoteEvictor, file: string): Promise<void>
 function roundRows(rows: Rows): Rows {
   return Object.fromEntries(Object.entries(rows).map(([k, v]) => [k, v === null ? null : round3(v)])) as Rows;
 }
-
-function concat(a: Int32Array, b: Int32Array): Int32Array {
-  const out = new Int32Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
-}
-
-function sameTokens(a: ArrayLike<number>, b: ArrayLike<number>): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
-}
-

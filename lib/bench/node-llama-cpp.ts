@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { concat } from '../tools/tokens.js';
 import { importPeer, type PeerInstall } from './peer.js';
 
 // The part of node-llama-cpp's API the benchmark calls, written out: its own types are not
@@ -152,13 +153,6 @@ export class NodeLlamaCppRunner {
 
 function asTokens(tokens: Token[] | Int32Array): Token[] {
   return (Array.isArray(tokens) ? tokens : Array.from(tokens)) as Token[];
-}
-
-function concat(a: Int32Array, b: Int32Array): Int32Array {
-  const out = new Int32Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
 }
 
 /** The version npm installed, from its package.json (not in its exports, so read as a file). */

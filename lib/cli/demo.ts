@@ -15,6 +15,7 @@ import type { Sampler } from '../llama/sampler.js';
 import { buildDemoPrompt, DEMO_QUESTIONS } from '../tools/demo-prompt.js';
 import { median } from '../tools/stats.js';
 import { DEMO_SYNTHETIC as SYNTHETIC, syntheticModelPath } from '../tools/synthetic-model.js';
+import { sameTokens } from '../tools/tokens.js';
 import { userCacheDir } from '../util/paths.js';
 import { fmt, ms, printable, round, size, table, tildify, times } from './format.js';
 import type { Command, FlagSpecs, Flags } from './main.js';
@@ -271,13 +272,4 @@ function printReport(report: DemoReport): void {
   const medianWarm = median(report.warm.map((w) => w.ttftMs));
   out.push(`warm first token ${times(report.warmSpeedup)} faster than cold (median warm ${ms(medianWarm)} ms vs cold ${ms(report.cold.ttftMs)} ms)`);
   process.stdout.write(`${out.join('\n')}\n`);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Small helpers
-
-function sameTokens(a: ArrayLike<number>, b: ArrayLike<number>): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
 }

@@ -92,8 +92,7 @@ function systemSection(index: number): string {
   return `\n### ${index + 1}. Tool ${name}\n${purpose}\nArguments: ${argumentsText}.\nPolicy: ${POLICIES[index % POLICIES.length]!}\n`;
 }
 
-// ---------------------------------------------------------------------------------------------
-
+/** The longest start all of `texts` share. */
 function commonPrefix(texts: readonly string[]): string {
   let end = 0;
   const first = texts[0]!;
