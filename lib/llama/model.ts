@@ -2,6 +2,8 @@ import os from 'node:os';
 import { native, type NativeModel, type NativeModelInfo } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { fingerprintModel } from '../models/fingerprint.js';
+import { readGgufHeader } from '../models/gguf.js';
+import { validateModelMetadata } from '../models/gguf-validate.js';
 import { requireString, toInt32Array } from '../util/validate.js';
 import { Context, type ContextOptions } from './context.js';
 import { Sampler, type SamplingOptions } from './sampler.js';
@@ -28,9 +30,14 @@ export interface TokenizeOptions {
   addSpecial?: boolean;
 }
 
-/** Loads a GGUF model. The file is checked (GGUF header, tensor bounds) and fingerprinted first. */
+/**
+ * Loads a GGUF model. The file is checked first (GGUF header, tensor bounds, and every
+ * hyper-parameter and vocabulary entry that llama.cpp would abort on: E_MODEL_FORMAT naming the
+ * key) and fingerprinted.
+ */
 export async function loadModel(path: string, options: LoadModelOptions = {}): Promise<Model> {
   requireString(path, 'path');
+  validateModelMetadata(await readGgufHeader(path), path);
   const fingerprint = await fingerprintModel(path);
   const onProgress = options.onProgress;
   const handle = await native().loadModel(
