@@ -30,15 +30,22 @@
  *   magic, and no `checksumChunkBytes`: format 2's digest of a single chunk, verified by the same code.
  *
  * A file whose size is not exactly what its header describes, whose magics, version or header do
- * not parse, or whose checksums differ is corrupt (E_CACHE_CORRUPT). A well-formed entry made by
- * another model or for an incompatible context is a mismatch (E_CACHE_MISMATCH).
+ * not parse (every header field of the wrong type or value, named), or whose checksums differ is
+ * corrupt (E_CACHE_CORRUPT). A well-formed entry made by another model or for an incompatible
+ * context is a mismatch (E_CACHE_MISMATCH). A path that names anything but a regular file (a FIFO,
+ * a device, a socket, a directory, a symlink) is E_CACHE_NOT_FILE: it is never opened for reading
+ * in a way that could block, and never deleted.
+ *
+ * Entry files are read from one open descriptor from start to end (openEntryFile): a file renamed
+ * over the path meanwhile (another process re-saving the key) or removed (evicted) is never mixed
+ * with the one whose header was read.
  */
 import { createHash } from 'node:crypto';
-import fsp from 'node:fs/promises';
 import { native, type DigestScheme } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import type { VerifiedRanges } from '../llama/context.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
+import { NotRegularFileError, openRegularFile, readExactly, type FileIdentity, type OpenedFile } from '../util/regular-file.js';
 
 export const ENTRY_MAGIC = Buffer.from('KVSTASH\0', 'latin1');
 export const ENTRY_TRAILER = Buffer.from('KVSTEND\0', 'latin1');
@@ -108,6 +115,9 @@ export interface EntryFile {
   /** The entry's checksum: formats 2 and 3, that of the digests (verified); format 1, its one XXH64. */
   checksum: bigint;
   fileSize: number;
+  /** The file it was read from (device and inode of the opened descriptor); absent for entries
+   * decoded from memory. */
+  identity?: FileIdentity;
 }
 
 export type { VerifiedRanges };
@@ -125,6 +135,47 @@ export function entryKey(header: Pick<EntryHeader, 'kind' | 'backend' | 'model' 
 
 function corrupt(source: string, problem: string): KvstashError {
   return new KvstashError('E_CACHE_CORRUPT', `cache entry ${source} is corrupt: ${problem}; it will not be loaded`, { reason: problem });
+}
+
+function notAFile(source: string, what: string): KvstashError {
+  const problem = `it is ${what}, not a regular file`;
+  return new KvstashError('E_CACHE_NOT_FILE', `cache entry ${source} was not opened: ${problem}; kvstash never writes one, remove it yourself`, {
+    reason: problem,
+  });
+}
+
+/**
+ * Opens an entry file for reading (openRegularFile: never blocks, never follows a symlink, checks
+ * the type on the descriptor). Undefined when nothing is there: another process may have evicted
+ * it since the directory was listed, which is a miss, not a problem. Anything but a regular file
+ * is E_CACHE_NOT_FILE; any other failure to open is E_CACHE_CORRUPT.
+ */
+export async function openEntryFile(file: string): Promise<OpenedFile | undefined> {
+  try {
+    return await openRegularFile(file);
+  } catch (err) {
+    if (err instanceof NotRegularFileError) throw notAFile(file, err.what);
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return undefined;
+    throw corrupt(file, `it cannot be opened (${code ?? 'error'})`);
+  }
+}
+
+/** Reads up to `into.length` bytes at `position` (fewer only at the end of the file); a read the
+ * system refuses (EIO) is E_CACHE_CORRUPT. */
+async function readAt(opened: OpenedFile, into: Buffer, position: number): Promise<number> {
+  try {
+    return await readExactly(opened, into, position);
+  } catch (err) {
+    throw corrupt(opened.path, `it cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+}
+
+/** openEntryFile for callers that need a file: nothing there is E_CACHE_CORRUPT. */
+async function requireEntryFile(file: string): Promise<OpenedFile> {
+  const opened = await openEntryFile(file);
+  if (!opened) throw corrupt(file, 'it cannot be opened (ENOENT: no such file)');
+  return opened;
 }
 
 function payloadOffsetFor(headerBytes: number): number {
@@ -248,45 +299,95 @@ async function parseTail(source: string, facts: EntryLayoutFacts, tail: Buffer):
   };
 }
 
+/** What is wrong with a parsed header, naming the field, or null. Every field is checked for its
+ * type: a header is data from a file, and the commands print and compare its fields. */
 function headerProblem(h: EntryHeader): string | null {
-  if (typeof h !== 'object' || h === null) return 'the header is not an object';
-  if (h.kind !== 'llama.cpp/sequence-state' && h.kind !== 'rkllm/prompt-cache') return `unknown payload kind ${String(h.kind)}`;
-  if (typeof h.backend?.name !== 'string' || typeof h.backend.version !== 'string') return 'the backend is missing';
-  if (typeof h.model?.fingerprint !== 'string' || typeof h.model.fingerprintScheme !== 'string') return 'the model fingerprint is missing';
-  if (typeof h.layout !== 'object' || h.layout === null) return 'the layout is missing';
-  if (!Array.isArray(h.tokens) || !h.tokens.every((t) => Number.isInteger(t) && t >= 0 && t <= 0x7fffffff)) return 'the tokens are not token ids';
-  if (h.tokenCount !== h.tokens.length) return 'tokenCount disagrees with the tokens';
-  if (!Number.isSafeInteger(h.payloadBytes) || h.payloadBytes <= 0) return 'payloadBytes is not a positive integer';
+  if (typeof h !== 'object' || h === null || Array.isArray(h)) return 'the header is not an object';
+  if (h.kind !== 'llama.cpp/sequence-state' && h.kind !== 'rkllm/prompt-cache') return `unknown payload kind ${describeValue(h.kind)}`;
+  const strings: Array<[string, unknown, unknown]> = [
+    ['backend', h.backend, ['name', 'version']],
+    ['model', h.model, ['fingerprint', 'fingerprintScheme', 'name', 'architecture']],
+  ];
+  for (const [field, value, names] of strings) {
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) return `header field ${field} is ${describeValue(value)}, not an object`;
+    for (const name of names as string[]) {
+      const inner = (value as Record<string, unknown>)[name];
+      if (typeof inner !== 'string') return `header field ${field}.${name} is ${describeValue(inner)}, not a string`;
+    }
+  }
+  if (typeof h.layout !== 'object' || h.layout === null || Array.isArray(h.layout)) return `header field layout is ${describeValue(h.layout)}, not an object`;
+  for (const [name, value] of Object.entries(h.layout)) {
+    if (typeof value !== 'string') return `header field layout.${name} is ${describeValue(value)}, not a string`;
+  }
+  if (!Array.isArray(h.tokens) || !h.tokens.every((t) => Number.isInteger(t) && t >= 0 && t <= 0x7fffffff)) return 'header field tokens is not a list of token ids';
+  if (h.tokenCount !== h.tokens.length) return `header field tokenCount (${describeValue(h.tokenCount)}) disagrees with the ${h.tokens.length} tokens`;
+  if (h.label !== null && typeof h.label !== 'string') return `header field label is ${describeValue(h.label)}, not a string or null`;
+  if (typeof h.createdAt !== 'string' || Number.isNaN(Date.parse(h.createdAt))) return `header field createdAt is ${describeValue(h.createdAt)}, not a date`;
+  if (!Number.isSafeInteger(h.payloadBytes) || h.payloadBytes <= 0) return `header field payloadBytes is ${describeValue(h.payloadBytes)}, not a positive integer`;
   return null;
+}
+
+/** A short, printable description of a header value for a message (never the raw text: it may hold
+ * terminal escapes, and it may be long). */
+function describeValue(value: unknown): string {
+  if (value === undefined) return 'missing';
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'a list';
+  if (typeof value === 'string') return 'a string';
+  if (typeof value === 'number') return Number.isFinite(value) ? `the number ${value}` : 'a number';
+  return `a ${typeof value}`;
 }
 
 /** Reads and checks an entry file's structure and digest table (not the chunks: that needs every byte). */
 export async function readEntryFile(file: string): Promise<EntryFile> {
-  let handle: fsp.FileHandle;
+  const opened = await requireEntryFile(file);
   try {
-    handle = await fsp.open(file, 'r');
-  } catch (err) {
-    throw corrupt(file, `it cannot be opened (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
-  }
-  try {
-    const { size } = await handle.stat();
-    const firstRead = Math.min(size, 64 << 10);
-    let start = Buffer.alloc(firstRead);
-    await handle.read(start, 0, firstRead, 0);
-    if (size >= PREAMBLE_BYTES && start.subarray(0, 8).equals(ENTRY_MAGIC)) {
-      const need = PREAMBLE_BYTES + start.readUInt32LE(12);
-      if (need > firstRead && need <= size && need <= MAX_HEADER_BYTES + PREAMBLE_BYTES) {
-        start = Buffer.alloc(need);
-        await handle.read(start, 0, need, 0);
-      }
-    }
-    const facts = parseHead(file, start, size);
-    const tail = Buffer.alloc(facts.tailBytes);
-    await handle.read(tail, 0, tail.length, size - tail.length);
-    return await parseTail(file, facts, tail);
+    return await readEntryFrom(opened);
   } finally {
-    await handle.close();
+    await opened.handle.close();
   }
+}
+
+/** readEntryFile on a file already open (openEntryFile): what it returns is that file's, whatever
+ * the path names by now. */
+export async function readEntryFrom(opened: OpenedFile): Promise<EntryFile> {
+  const { path: file, size } = opened;
+  const firstRead = Math.min(size, 64 << 10);
+  let start = Buffer.alloc(firstRead);
+  start = start.subarray(0, await readAt(opened, start, 0));
+  if (start.length >= PREAMBLE_BYTES && start.subarray(0, 8).equals(ENTRY_MAGIC)) {
+    const need = PREAMBLE_BYTES + start.readUInt32LE(12);
+    if (need > firstRead && need <= size && need <= MAX_HEADER_BYTES + PREAMBLE_BYTES) {
+      start = Buffer.alloc(need);
+      start = start.subarray(0, await readAt(opened, start, 0));
+    }
+  }
+  const facts = parseHead(file, start, size);
+  const tail = await readTail(opened, facts.tailBytes);
+  return { ...(await parseTail(file, facts, tail)), identity: { dev: opened.dev, ino: opened.ino } };
+}
+
+/** The last `bytes` bytes of an open file; a file shorter than its size said is corrupt (it was
+ * truncated in place: entries are only ever replaced whole). */
+async function readTail(opened: OpenedFile, bytes: number): Promise<Buffer> {
+  const tail = Buffer.alloc(bytes);
+  if ((await readAt(opened, tail, opened.size - bytes)) !== bytes) throw corrupt(opened.path, 'it ended while it was read');
+  return tail;
+}
+
+/**
+ * True when the open file is still the entry `entry` was parsed from: the same size and the same
+ * digest table, checksum and trailer. A file that another process renamed over the path since has
+ * other digests (its header differs, at least in createdAt), even when it reuses the inode number;
+ * bytes changed in place with the digests kept are caught by the verification of every chunk.
+ */
+export async function isSameEntry(opened: OpenedFile, entry: EntryFile): Promise<boolean> {
+  if (opened.size !== entry.fileSize) return false;
+  const tailBytes = entry.fileSize - entry.checkedLength;
+  const tail = Buffer.alloc(tailBytes);
+  if ((await readAt(opened, tail, entry.checkedLength)) !== tailBytes) return false;
+  const digests = entry.version === 1 ? DIGEST_BYTES : tailBytes - TRAILER_BYTES;
+  return tail.subarray(0, digests).equals(entry.chunkDigests.subarray(0, digests)) && tail.readBigUInt64LE(tailBytes - TRAILER_BYTES) === entry.checksum;
 }
 
 /** Parses a whole entry held in memory and verifies every chunk; returns the payload view. */
@@ -300,11 +401,18 @@ export async function decodeEntry(source: string, bytes: Buffer): Promise<{ entr
 
 /** Reads a whole entry file and verifies it; returns its payload. */
 export async function readVerifiedEntry(file: string): Promise<{ entry: EntryFile; payload: Buffer }> {
-  let bytes: Buffer;
+  const opened = await requireEntryFile(file);
   try {
-    bytes = await fsp.readFile(file);
-  } catch (err) {
-    throw corrupt(file, `it cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+    return await readVerifiedEntryFrom(opened);
+  } finally {
+    await opened.handle.close();
   }
-  return decodeEntry(file, bytes);
+}
+
+/** readVerifiedEntry on a file already open (openEntryFile). */
+export async function readVerifiedEntryFrom(opened: OpenedFile): Promise<{ entry: EntryFile; payload: Buffer }> {
+  const bytes = Buffer.allocUnsafe(opened.size);
+  if ((await readAt(opened, bytes, 0)) !== opened.size) throw corrupt(opened.path, 'it ended while it was read');
+  const { entry, payload } = await decodeEntry(opened.path, bytes);
+  return { entry: { ...entry, identity: { dev: opened.dev, ino: opened.ino } }, payload };
 }

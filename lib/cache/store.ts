@@ -5,12 +5,19 @@
  *
  * Entries are immutable: a key always names the same bytes, so stores need no locking; writers
  * replace whole entries atomically and readers verify what they read.
+ *
+ * A directory store's naming contract: entry files are named `<key>.kvstash` after the key of
+ * their own header. A file named otherwise is not an entry of the store (E_CACHE_CORRUPT: it is
+ * never listed, restored or counted as removed; `verify({remove: true})` removes it). Names
+ * starting with a dot are never looked at (temporary files of writers).
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { ENTRY_EXTENSION, readEntryFile, writeEntry, type EntryFile, type EntryHeader } from './entry.js';
+import { KvstashError } from '../errors.js';
+import { ENTRY_EXTENSION, isSameEntry, openEntryFile, readEntryFrom, writeEntry, type EntryFile, type EntryHeader } from './entry.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
+import { readExactly, type FileIdentity, type OpenedFile } from '../util/regular-file.js';
 
 export interface StoredEntry {
   key: string;
@@ -37,6 +44,8 @@ export interface ScannedFile {
   entry: EntryFile | Error;
 }
 
+let asideCounter = 0;
+
 /** How long before a scan the directory's mtime must lie for an unchanged mtime to prove an
  * unchanged directory: far above any file system's timestamp granularity. */
 const SETTLED_NS = 200_000_000n;
@@ -44,8 +53,9 @@ const SETTLED_NS = 200_000_000n;
 /** A directory of `<key>.kvstash` files. The index is the directory itself, re-read on demand. */
 export class DirectoryStore implements CacheStore {
   /** Parsed headers by file name, kept while the file is the same inode of the same size (entries
-   * are replaced by rename, never rewritten in place; touch() changes only the mtime). */
-  private readonly parsed = new Map<string, { ino: number; size: number; entry: EntryFile | Error }>();
+   * are replaced by rename, never rewritten in place; touch() changes only the mtime). An inode
+   * number can be reused by a later file of the same size: openEntry() notices and forgets it. */
+  private readonly parsed = new Map<string, { dev: bigint; ino: bigint; size: number; entry: EntryFile | Error }>();
   /** The last scan, and the directory as it saw it (scan({reuse})). */
   private listing?: { ino: bigint; mtimeNs: bigint; settled: boolean; files: ScannedFile[] };
 
@@ -98,19 +108,23 @@ export class DirectoryStore implements CacheStore {
     // round trip per entry.
     const scanned = await Promise.all(
       names.map(async (name) => {
-        let stat: fs.Stats;
+        let stat: fs.BigIntStats;
         try {
-          stat = await fsp.stat(path.join(this.dir, name));
+          // lstat: the name itself, not where a symlink points (openEntryFile refuses symlinks).
+          stat = await fsp.lstat(path.join(this.dir, name), { bigint: true });
         } catch {
           return null; // deleted meanwhile
         }
+        const size = Number(stat.size);
         let known = this.parsed.get(name);
-        if (!known || known.size !== stat.size || known.ino !== stat.ino) {
-          const entry = await readEntryFile(path.join(this.dir, name)).catch((err: Error) => err);
-          known = { ino: stat.ino, size: stat.size, entry };
+        if (!known || known.size !== size || known.ino !== stat.ino || known.dev !== stat.dev) {
+          const read = await this.readNamed(name);
+          if (read === undefined) return null; // evicted by another process since readdir: a miss
+          // Keyed by the file that was read, which may be newer than the one lstat saw.
+          known = read instanceof Error ? { dev: stat.dev, ino: stat.ino, size, entry: read } : { ...read.identity!, size: read.fileSize, entry: read };
           this.parsed.set(name, known);
         }
-        return { name, size: stat.size, mtimeMs: stat.mtimeMs, entry: known.entry };
+        return { name, size, mtimeMs: Number(stat.mtimeMs), entry: known.entry };
       }),
     );
     const out = scanned.filter((file) => file !== null);
@@ -122,12 +136,57 @@ export class DirectoryStore implements CacheStore {
     return out;
   }
 
-  async get(key: string): Promise<Buffer | undefined> {
+  /** The parsed header of one file, an Error saying why it is not an entry of this store, or
+   * undefined when nothing is there any more. */
+  private async readNamed(name: string): Promise<EntryFile | Error | undefined> {
     try {
-      return await fsp.readFile(this.pathOf(key));
+      const opened = await openEntryFile(path.join(this.dir, name));
+      if (!opened) return undefined;
+      try {
+        const entry = await readEntryFrom(opened);
+        return this.namingProblem(name, entry) ?? entry;
+      } finally {
+        await opened.handle.close();
+      }
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw err;
+      return err as Error;
+    }
+  }
+
+  /** Why a parsed entry under this file name breaks the naming contract, or undefined. */
+  namingProblem(name: string, entry: EntryFile): KvstashError | undefined {
+    if (name === `${entry.key}${ENTRY_EXTENSION}`) return undefined;
+    const reason = `its file name is not its key (${entry.key}${ENTRY_EXTENSION})`;
+    return new KvstashError('E_CACHE_CORRUPT', `cache entry ${path.join(this.dir, name)} is corrupt: ${reason}; it will not be loaded`, { reason });
+  }
+
+  /**
+   * Opens the file of a scanned entry for a restore: undefined when it is gone or is no longer the
+   * file that was scanned (another process evicted it, or re-saved the key by renaming a new file
+   * over it). Either is a miss; the next scan reads the new file. The caller closes the file.
+   */
+  async openEntry(name: string, entry: EntryFile): Promise<OpenedFile | undefined> {
+    const opened = await openEntryFile(path.join(this.dir, name));
+    if (!opened) return this.forget(name);
+    if (await isSameEntry(opened, entry).catch(() => false)) return opened;
+    await opened.handle.close();
+    return this.forget(name);
+  }
+
+  private forget(name: string): undefined {
+    this.parsed.delete(name);
+    this.listing = undefined;
+    return undefined;
+  }
+
+  async get(key: string): Promise<Buffer | undefined> {
+    const opened = await openEntryFile(this.pathOf(key));
+    if (!opened) return undefined;
+    try {
+      const bytes = Buffer.allocUnsafe(opened.size);
+      return bytes.subarray(0, await readExactly(opened, bytes, 0));
+    } finally {
+      await opened.handle.close();
     }
   }
 
@@ -143,9 +202,52 @@ export class DirectoryStore implements CacheStore {
   }
 
   async delete(key: string): Promise<void> {
-    await fsp.rm(this.pathOf(key), { force: true });
-    this.parsed.delete(`${key}${ENTRY_EXTENSION}`);
-    this.listing = undefined;
+    await this.unlink(`${key}${ENTRY_EXTENSION}`);
+  }
+
+  /** Removes a file of the directory; true when it was there. Only files: a directory or other
+   * non-file in its place is E_CACHE_NOT_FILE and stays. */
+  async unlink(name: string): Promise<boolean> {
+    const file = path.join(this.dir, name);
+    this.forget(name);
+    try {
+      await fsp.unlink(file);
+      return true;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return false;
+      if (code === 'EISDIR' || code === 'EPERM') {
+        const reason = 'it is a directory, not a regular file';
+        throw new KvstashError('E_CACHE_NOT_FILE', `cache entry ${file} was not removed: ${reason}; remove it yourself`, { reason, cause: err });
+      }
+      throw new KvstashError('E_STATE_SAVE', `cache entry ${file} could not be removed (${code ?? 'error'}): check the directory's permissions`, { cause: err });
+    }
+  }
+
+  /**
+   * Removes the file `name` only if it is still the file proven corrupt (same device and inode):
+   * another process may have renamed a healthy entry over it since. The name is first renamed
+   * aside (atomic), so no rename over it can slip between the check and the removal; a file that
+   * proves to be another one is renamed back. True when the corrupt file was removed.
+   */
+  async removeIfSame(name: string, proven: FileIdentity): Promise<boolean> {
+    const file = path.join(this.dir, name);
+    // Hidden: scans never look at it, even if this process dies before it is gone.
+    const aside = path.join(this.dir, `.${name}.corrupt-${process.pid}-${asideCounter++}`);
+    this.forget(name);
+    try {
+      await fsp.rename(file, aside);
+    } catch {
+      return false; // gone, or not ours to move
+    }
+    const now = await fsp.lstat(aside, { bigint: true }).catch(() => undefined);
+    if (now && now.dev === proven.dev && now.ino === proven.ino) {
+      await fsp.unlink(aside).catch(() => undefined);
+      return true;
+    }
+    // Another file of the same key (a key always names the same bytes): either copy is good.
+    await fsp.rename(aside, file).catch(() => undefined);
+    return false;
   }
 
   /** Marks an entry as just used (its mtime), so least-recently-used eviction works across processes. */

@@ -10,7 +10,7 @@ import type { CacheEntryInfo, PromptCache } from '../cache/prompt-cache.js';
 import { loadModel } from '../llama/model.js';
 import { CACHE_FLAGS, openCache } from './cache-flags.js';
 import { CommandFailure, UsageError } from './errors.js';
-import { fields, fmt, localTime, printable, size, table, tildify } from './format.js';
+import { escaped, fields, fmt, localTime, printable, size, table, tildify } from './format.js';
 import type { Command, CommandIo, FlagSpecs, Flags, OperandSpec } from './main.js';
 import { withStatus } from './progress.js';
 
@@ -47,10 +47,11 @@ export const lsCommand: Command<typeof LS_FLAGS> = {
     }
     const rows = entries.map((e) => [
       e.key.slice(0, SHORT_KEY),
-      e.label ?? '-',
+      // Header text is the file's: a label may carry terminal escapes.
+      e.label === null ? '-' : escaped(e.label),
       fmt(e.tokenCount),
       size(e.bytes),
-      e.model.name || 'unnamed',
+      e.model.name ? escaped(e.model.name) : 'unnamed',
       localTime(e.createdAt),
       e.tiers.join(','),
     ]);
@@ -158,16 +159,17 @@ function printInspect(r: InspectReport): void {
   const h = r.header;
   const first = h.tokens.slice(0, FIRST_TOKENS).join(' ');
   const rows: Array<[string, string]> = [
-    ['File', tildify(r.path)],
+    // Every text of the header is the file's and may carry terminal escapes: shown escaped.
+    ['File', escaped(tildify(r.path))],
     ['Size', `${size(r.fileBytes)} (${fmt(r.fileBytes)} bytes; state ${size(h.payloadBytes)} from offset ${fmt(r.payloadOffset)})`],
     ['Key', r.key],
-    ['Label', h.label ?? '-'],
-    ['Created', `${localTime(h.createdAt)} (${h.createdAt})`],
+    ['Label', h.label === null ? '-' : escaped(h.label)],
+    ['Created', `${localTime(h.createdAt)} (${escaped(h.createdAt)})`],
     ['Kind', h.kind],
-    ['Backend', `${h.backend.name} ${h.backend.version}`],
-    ['Model', `${h.model.name || 'unnamed'} (${h.model.architecture})`],
-    ['Fingerprint', `${h.model.fingerprint} (${h.model.fingerprintScheme})`],
-    ['Layout', Object.entries(h.layout).map(([name, value]) => `${name} ${String(value)}`).join(', ')],
+    ['Backend', `${escaped(h.backend.name)} ${escaped(h.backend.version)}`],
+    ['Model', `${h.model.name ? escaped(h.model.name) : 'unnamed'} (${escaped(h.model.architecture)})`],
+    ['Fingerprint', `${escaped(h.model.fingerprint)} (${escaped(h.model.fingerprintScheme)})`],
+    ['Layout', Object.entries(h.layout).map(([name, value]) => `${escaped(name)} ${escaped(value)}`).join(', ')],
     ['Tokens', fmt(h.tokenCount)],
     [`First ${Math.min(FIRST_TOKENS, h.tokenCount)}`, h.tokenCount > FIRST_TOKENS ? `${first} …` : first],
   ];
@@ -179,7 +181,7 @@ function printInspect(r: InspectReport): void {
         : 'not shown: --model is not the model that made this entry (its fingerprint differs)',
     ]);
   }
-  rows.push(['Check', r.check.ok ? `checksum ok (format ${r.formatVersion}, ${r.digestScheme === 'crc32c' ? 'CRC-32C' : 'XXH64'} ${r.checksum}, ${r.chunks} chunk${r.chunks === 1 ? '' : 's'} checked, every byte read)` : `FAILED: ${r.check.message}`]);
+  rows.push(['Check', r.check.ok ? `checksum ok (format ${r.formatVersion}, ${r.digestScheme === 'crc32c' ? 'CRC-32C' : 'XXH64'} ${r.checksum}, ${r.chunks} chunk${r.chunks === 1 ? '' : 's'} checked, every byte read)` : `FAILED: ${escaped(r.check.message)}`]);
   process.stdout.write(`${fields(rows)}\n`);
 }
 
@@ -200,7 +202,8 @@ export const verifyCommand: Command<typeof VERIFY_FLAGS> = {
 export interface VerifyReport {
   dir: string;
   ok: number;
-  corrupt: Array<{ path: string; label: string | null; reason: string; removed: boolean }>;
+  /** E_CACHE_CORRUPT (removed with --remove) or E_CACHE_NOT_FILE (a FIFO, directory, symlink...: never removed). */
+  corrupt: Array<{ path: string; label: string | null; code: string; reason: string; removed: boolean }>;
 }
 
 async function runVerify(flags: Flags<typeof VERIFY_FLAGS>): Promise<number> {
@@ -212,7 +215,7 @@ async function runVerify(flags: Flags<typeof VERIFY_FLAGS>): Promise<number> {
   const report: VerifyReport = {
     dir: cache.dir!,
     ok: result.ok,
-    corrupt: result.corrupt.map(({ path: file, reason }) => ({ path: file, label: labels.get(file) ?? null, reason, removed: remove })),
+    corrupt: result.corrupt.map(({ path: file, code, reason, removed }) => ({ path: file, label: labels.get(file) ?? null, code, reason, removed })),
   };
   if (flags.json === true) {
     process.stdout.write(`${JSON.stringify(report)}\n`);
@@ -220,9 +223,13 @@ async function runVerify(flags: Flags<typeof VERIFY_FLAGS>): Promise<number> {
     const checked = report.ok + report.corrupt.length;
     const lines = [`Checked ${plural(checked, 'entry', 'entries')} in ${tildify(report.dir)}: ${report.ok} ok, ${report.corrupt.length} corrupt`];
     if (report.corrupt.length > 0) {
-      const rows = report.corrupt.map((c) => [path.basename(c.path), c.label ?? '-', c.reason]);
+      const rows = report.corrupt.map((c) => [escaped(path.basename(c.path)), c.label === null ? '-' : escaped(c.label), escaped(c.reason)]);
       lines.push('', table(['file', 'label', 'problem'], rows));
-      lines.push('', remove ? `Removed ${plural(report.corrupt.length, 'corrupt entry', 'corrupt entries')}.` : 'Remove them with `kvstash verify --remove`.');
+      const removed = report.corrupt.filter((c) => c.removed).length;
+      const kept = report.corrupt.filter((c) => c.code === 'E_CACHE_NOT_FILE').length;
+      if (remove) lines.push('', `Removed ${plural(removed, 'corrupt entry', 'corrupt entries')}.`);
+      else if (kept < report.corrupt.length) lines.push('', 'Remove them with `kvstash verify --remove`.');
+      if (kept > 0) lines.push(`${plural(kept, 'path is', 'paths are')} not a regular file: kvstash never removes those; remove them yourself.`);
     }
     process.stdout.write(`${lines.join('\n')}\n`);
   }
@@ -268,7 +275,8 @@ async function runRm(flags: Flags<typeof RM_FLAGS>, _io: CommandIo, [ref]: reado
 
 /** The entries `ref` names (see PromptCache.find); an ambiguous key start is an error here. */
 async function findEntries(cache: PromptCache, ref: string): Promise<CacheEntryInfo[]> {
-  const found = await cache.find(ref.toLowerCase() === ref ? ref : ref.toLowerCase());
+  // As given: labels match exactly (`rm Prod` never removes `prod`); find() matches keys in either case.
+  const found = await cache.find(ref);
   if (found.length > 1 && found[0]!.label !== ref) {
     throw new CommandFailure(`'${ref}' starts ${found.length} keys (${found.map((e) => e.key.slice(0, SHORT_KEY)).join(', ')}): give more of the key`);
   }

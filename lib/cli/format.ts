@@ -49,9 +49,21 @@ export function tildify(file: string): string {
   return file.startsWith(home + path.sep) ? `~${file.slice(home.length)}` : file;
 }
 
-/** Text from a model or a file shown safely in a terminal: escaped control characters, no bidi or format marks. */
+/** Text from a model or a file shown safely in a terminal, quoted: see escaped(). */
 export function printable(text: string): string {
-  return JSON.stringify(text).replace(/[\p{Cf}\p{Co}\p{Cn}]/gu, '\uFFFD');
+  return `"${escaped(text)}"`;
+}
+
+/**
+ * Text from a file (a label, a model name, a file name) shown safely in a terminal, unquoted: every
+ * control character escaped as JSON writes it (C0, DEL and C1 alike: ESC and CSI start terminal
+ * escape sequences), line and paragraph separators too; bidi, format and unassigned marks replaced.
+ */
+export function escaped(text: string): string {
+  return JSON.stringify(text)
+    .slice(1, -1)
+    .replace(/[\p{Cc}\u2028\u2029]/gu, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
+    .replace(/[\p{Cf}\p{Co}\p{Cn}]/gu, '\uFFFD');
 }
 
 /** A local time to the minute: 2026-11-22 14:05. */

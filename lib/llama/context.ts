@@ -3,6 +3,8 @@ import fsp from 'node:fs/promises';
 import type { DigestScheme, NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { replaceFileAtomic } from '../util/atomic-file.js';
+import type { OpenedFile } from '../util/regular-file.js';
+import { openEntryFile } from '../cache/entry.js';
 import { requireInteger, requireString, toInt32Array } from '../util/validate.js';
 import type { Model } from './model.js';
 import { OperationQueue, abortError } from './queue.js';
@@ -209,7 +211,8 @@ export class Context {
   }
 
   /**
-   * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies each chunk of
+   * @internal For lib/cache: reads bytes [0, checkedLength) of `file` (an entry file opened with
+   * openEntryFile, whose header gave `ranges`, or the path of one), verifies each chunk of
    * `chunkBytes` against its digest in `chunkDigests` (the entry format's digest table), and imports
    * [payloadOffset, payloadOffset + payloadBytes) as state. llama.cpp reads no byte before it is
    * verified, and the import fails (the sequence emptied) when any chunk does. Resolves with how
@@ -217,15 +220,18 @@ export class Context {
    * (binding/llama/StateReadGate.h); `readAhead: false` (for tests) sends every bulk chunk that way.
    */
   importVerifiedFile(
-    file: string,
+    file: string | OpenedFile,
     ranges: VerifiedRanges,
     options: SequenceOptions & { readAhead?: boolean } = {},
   ): Promise<{ chunks: number; bouncedChunks: number }> {
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
+      // The native import reads the descriptor it is given and opens nothing by path.
+      const opened = typeof file === 'string' ? await openEntryFile(file) : file;
+      if (!opened) throw new KvstashError('E_CACHE_CORRUPT', `cache entry ${file as string} is not there any more`);
       try {
         return await this.handle.importVerifiedStateFile(
-          file,
+          opened.path,
           sequence,
           ranges.checkedLength,
           ranges.chunkBytes,
@@ -234,10 +240,14 @@ export class Context {
           ranges.payloadOffset,
           ranges.payloadBytes,
           options.readAhead ?? true,
+          undefined, // tokens: the header's count, for the state-structure check
+          opened.handle.fd,
         );
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
         throw err;
+      } finally {
+        if (opened !== file) await opened.handle.close();
       }
     });
   }
