@@ -276,6 +276,55 @@ llama_pos LlamaContext::PositionArg(Napi::Env env, Napi::Value value, const char
   return static_cast<llama_pos>(number);
 }
 
+int32_t LlamaContext::ExpectedTokensArg(Napi::Env env, Napi::Value value, const char* what) const {
+  if (value.IsUndefined() || value.IsNull()) return -1;
+  if (!value.IsNumber()) throw Napi::TypeError::New(env, std::string(what) + ": tokens must be a number");
+  const double number = value.As<Napi::Number>().DoubleValue();
+  if (!(number >= 0 && number <= 2147483647.0) || number != std::floor(number)) {
+    throw Napi::RangeError::New(env, std::string(what) + ": tokens must be an integer in [0, 2147483647]");
+  }
+  return static_cast<int32_t>(number);
+}
+
+SequenceStateShape LlamaContext::StateShape(int32_t tokens) const {
+  const llama_model* model = model_.get();
+  SequenceStateShape shape;
+  // Recurrent and hybrid memories write another layout, which this check does not parse; the
+  // check after the import still holds for them.
+  shape.known = !llama_model_is_recurrent(model) && !llama_model_is_hybrid(model);
+  shape.streams = unifiedKv_ ? 1 : static_cast<uint32_t>(nSeqMax_);
+  shape.cellsPerStream = static_cast<uint32_t>(nCtxSeq_);
+  shape.tokens = tokens;
+  // llama_kv_cache::has_cell_ext(): M-RoPE keeps a 2D position, PLE models the token of each cell.
+  const llama_rope_type rope = llama_model_rope_type(model);
+  char arch[128] = "";
+  llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch));
+  char ple[16];
+  const bool hasPle = llama_model_meta_val_str(model, (std::string(arch) + ".ple.layers").c_str(), ple, sizeof(ple)) >= 0;
+  shape.cellExtBytes = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || hasPle ? 12 : 0;
+  shape.maxLayers = static_cast<uint32_t>(std::max(0, llama_model_n_layer(model)));
+  shape.swaFirst = llama_model_n_swa(model) > 0;
+  return shape;
+}
+
+namespace {
+
+// After an import into `seq` of a state whose header lists `tokens` tokens: the sequence must hold
+// exactly positions [0, tokens). Anything else is emptied and reported as `code`.
+void RequireImportedPositions(llama_context* ctx, llama_seq_id seq, int32_t tokens, const char* code, const std::string& what) {
+  if (seq < 0 || tokens < 0) return;
+  llama_memory_t mem = llama_get_memory(ctx);
+  const llama_pos min = llama_memory_seq_pos_min(mem, seq), max = llama_memory_seq_pos_max(mem, seq);
+  const bool exact = tokens == 0 ? max == -1 : min == 0 && max == tokens - 1;
+  if (exact) return;
+  llama_memory_seq_rm(mem, seq, -1, -1);
+  throw NativeError(code, what + " does not hold what its header says: after the import the sequence holds positions " +
+                              std::to_string(min) + ".." + std::to_string(max) + ", not the " + std::to_string(tokens) +
+                              " tokens listed");
+}
+
+}  // namespace
+
 Napi::Value LlamaContext::Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireLive(env);
@@ -460,8 +509,11 @@ const float* LlamaContext::OutputRow(Napi::Env env, int32_t index) const {
 // logits(index) -> Float32Array (a copy)
 Napi::Value LlamaContext::Logits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int32_t index = info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : -1;
-  const float* row = OutputRow(env, index);
+  const double number = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+  if (!(number >= -2147483648.0 && number <= 2147483647.0) || number != std::floor(number)) {
+    throw Napi::RangeError::New(env, "logits: index must be an integer in [-2147483648, 2147483647]");
+  }
+  const float* row = OutputRow(env, static_cast<int32_t>(number));
   Napi::Float32Array out = Napi::Float32Array::New(env, nVocab_);
   std::memcpy(out.Data(), row, sizeof(float) * nVocab_);
   return out;
@@ -521,7 +573,21 @@ Napi::Value LlamaContext::MemoryShift(const Napi::CallbackInfo& info) {
   llama_pos p0 = PositionArg(env, info[1], "p0");
   llama_pos p1 = PositionArg(env, info[2], "p1");
   if (!info[3].IsNumber()) throw Napi::TypeError::New(env, "delta must be a number");
-  llama_pos delta = info[3].As<Napi::Number>().Int32Value();
+  const double number = info[3].As<Napi::Number>().DoubleValue();
+  if (!(number >= -2147483648.0 && number <= 2147483647.0) || number != std::floor(number)) {
+    throw Napi::RangeError::New(env, "delta must be an integer in [-2147483648, 2147483647]");
+  }
+  const llama_pos delta = static_cast<llama_pos>(number);
+  // llama.cpp adds delta to each position as int32 without a bound: past INT32_MAX it wraps, and
+  // past the context every later decode of the sequence is refused. Positions moved below 0 are
+  // removed by llama.cpp, which is what a context shift wants.
+  const int64_t highest = std::min<int64_t>(llama_memory_seq_pos_max(mem, seq), p1 < 0 ? INT64_MAX : int64_t{p1} - 1);
+  if (delta > 0 && highest >= 0 && highest >= p0 && highest + delta >= nCtxSeq_) {
+    throw MakeError(env, "E_POSITION_INVALID",
+                    "shifting by " + std::to_string(delta) + " would move position " + std::to_string(highest) + " to " +
+                        std::to_string(highest + delta) + ", past the context [0, " + std::to_string(nCtxSeq_) +
+                        "); remove positions first");
+  }
   llama_memory_seq_add(mem, seq, p0, p1, delta);
   return env.Undefined();
 }
@@ -657,30 +723,41 @@ Napi::Value LlamaContext::ExportState(const Napi::CallbackInfo& info) {
 
 class StateImportWorker : public ContextWorker {
  public:
-  StateImportWorker(Napi::Env env, LlamaContext* owner, Napi::Uint8Array bytes, llama_seq_id seq)
-      : ContextWorker(env, "kvstash.importState", owner), data_(bytes.Data()), size_(bytes.ByteLength()), seq_(seq) {
+  StateImportWorker(Napi::Env env, LlamaContext* owner, Napi::Uint8Array bytes, llama_seq_id seq, SequenceStateShape shape)
+      : ContextWorker(env, "kvstash.importState", owner), data_(bytes.Data()), size_(bytes.ByteLength()), seq_(seq),
+        shape_(shape) {
     // Pinned until the worker is destroyed: the worker thread reads it in place, without a copy.
     bytesRef_ = Napi::Persistent(static_cast<Napi::Object>(bytes));
   }
 
  protected:
   void Work(llama_context* ctx) override {
+    // With a token count the bytes come with a header (a cache entry) that they contradict.
+    const bool entry = shape_.tokens >= 0;
+    const char* code = entry ? "E_CACHE_CORRUPT" : "E_STATE_LOAD";
+    std::string reason;
+    const StateCheck check = seq_ < 0 ? StateCheck::kValid
+                                      : CheckSequenceState(data_, size_, shape_, [](const uint8_t*, size_t) { return true; }, &reason);
+    if (check == StateCheck::kMismatch) throw NativeError(entry ? "E_CACHE_MISMATCH" : "E_STATE_LOAD", "the state does not fit this context: " + reason);
+    if (check != StateCheck::kValid) throw NativeError(code, "the state bytes cannot be loaded: " + reason);
     const size_t read = seq_ < 0 ? llama_state_set_data(ctx, data_, size_) : llama_state_seq_set_data(ctx, data_, size_, seq_);
     if (read == 0) {
       throw NativeError("E_STATE_LOAD",
                         WithLlamaReason("the state bytes do not fit this context (another model, other context "
                                         "settings, or not llama.cpp state data)"));
     }
+    RequireImportedPositions(ctx, seq_, shape_.tokens, code, "the state");
   }
 
  private:
   const uint8_t* data_;
   size_t size_;
   llama_seq_id seq_;
+  SequenceStateShape shape_;
   Napi::ObjectReference bytesRef_;
 };
 
-// importState(bytes: Uint8Array, seq) -> Promise<void>
+// importState(bytes: Uint8Array, seq, tokens?) -> Promise<void>; `tokens`: the count its header lists
 Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireIdle(env);
@@ -690,41 +767,59 @@ Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
   Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
   if (bytes.ByteLength() == 0) throw MakeError(env, "E_STATE_LOAD", "importState: the state is empty");
+  const SequenceStateShape shape = StateShape(ExpectedTokensArg(env, info[2], "importState"));
   BeginOperation(env);
-  return (new StateImportWorker(env, this, bytes, seq))->Start();
+  return (new StateImportWorker(env, this, bytes, seq, shape))->Start();
 }
 
 // Reads a file region, verifies it against its chunk digests (lib/cache/entry.ts: formats 2 and 3
 // hash 64 KiB chunks, format 1 is one chunk) and imports a sub-range as sequence state, all off the main
 // thread. lib/cache decides what the ranges mean; this guarantees that llama.cpp reads no byte
-// before it is verified, and that an import fails as a whole when any chunk does. It reads the
-// descriptor lib/cache opened and read the header from (lib/util/regular-file.ts: never a FIFO,
-// never through a symlink), and opens nothing by path: a file that another process renames over
-// the path meanwhile is never checked against this one's digests. The descriptor stays JS's. Reading,
+// before it is verified, and that an import fails as a whole when any chunk does. Reading,
 // checking and importing overlap (StateReadGate): about one pass over the bytes instead of three.
 class StateImportVerifiedFileWorker : public ContextWorker {
  public:
-  StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, int fd, std::string path, llama_seq_id seq,
+  StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
                                 uint64_t checkedLength, uint64_t chunkBytes, std::vector<uint8_t> digests,
                                 DigestScheme scheme, uint64_t payloadOffset, uint64_t payloadLength, bool readAhead,
                                 ScratchBuffer* scratch, HelperThread* reader)
-      : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), fd_(fd), path_(std::move(path)), seq_(seq),
+      : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
         checkedLength_(checkedLength), chunkBytes_(chunkBytes), digests_(std::move(digests)),
         scheme_(scheme), payloadOffset_(payloadOffset), payloadLength_(payloadLength), readAhead_(readAhead), scratch_(scratch), reader_(reader) {}
 
  protected:
   void Work(llama_context* ctx) override {
-    const int fd = fd_;
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw NativeError("E_CACHE_CORRUPT", "cannot open cache entry " + path_ + ": " + std::strerror(errno));
+    struct CloseOnExit {
+      int fd;
+      ~CloseOnExit() { ::close(fd); }
+    } closer{fd};
     // Reused across restores: a fresh multi-megabyte allocation page-faults on first touch, which
     // costs as much as the read itself.
     uint8_t* buffer = scratch_->Reserve(checkedLength_);
     size_t read = 0;
     bool verified = false;
-    std::string readError;
+    std::string readError, invalid;
     {
       StateReadGate gate(fd, buffer, checkedLength_, chunkBytes_, digests_, scheme_, *reader_, readAhead_);
-      read = seq_ < 0 ? llama_state_set_data(ctx, buffer + payloadOffset_, payloadLength_)
-                      : llama_state_seq_set_data(ctx, buffer + payloadOffset_, payloadLength_, seq_);
+      // The state's own structure first, from verified bytes only: checksums prove the bytes are
+      // the ones written, not that their writer told the truth (StateReadGate.h).
+      const StateCheck check =
+          seq_ < 0 ? StateCheck::kValid
+                   : CheckSequenceState(buffer + payloadOffset_, payloadLength_, shape_,
+                                        [&gate](const uint8_t* data, size_t size) { return gate.Verify(data, size); }, &invalid);
+      if (check == StateCheck::kInvalid) {
+        // Proven from verified bytes: the entry lies. The rest of it need not be read.
+        throw NativeError("E_CACHE_CORRUPT", "cache entry " + path_ + " is corrupt: " + invalid + "; it will not be loaded");
+      }
+      if (check == StateCheck::kMismatch) {
+        throw NativeError("E_CACHE_MISMATCH", "cache entry " + path_ + " was made for another context: " + invalid);
+      }
+      if (check == StateCheck::kValid) {
+        read = seq_ < 0 ? llama_state_set_data(ctx, buffer + payloadOffset_, payloadLength_)
+                        : llama_state_seq_set_data(ctx, buffer + payloadOffset_, payloadLength_, seq_);
+      }
       // Every chunk, also those llama.cpp did not need to read (the header's).
       verified = gate.AllVerified();
       readError = gate.ReadError();
@@ -743,6 +838,14 @@ class StateImportVerifiedFileWorker : public ContextWorker {
                         WithLlamaReason("llama.cpp refused the state in " + path_ +
                                         " (its layout does not match this context)"));
     }
+    RequireImportedPositions(ctx, seq_, shape_.tokens, "E_CACHE_CORRUPT", "cache entry " + path_);
+  }
+
+ public:
+  // What the state must look like (LlamaContext::StateShape); set before Start().
+  StateImportVerifiedFileWorker* Expecting(const SequenceStateShape& shape) {
+    shape_ = shape;
+    return this;
   }
 
   Napi::Value Result(Napi::Env env) override {
@@ -753,7 +856,6 @@ class StateImportVerifiedFileWorker : public ContextWorker {
   }
 
  private:
-  int fd_;
   std::string path_;
   llama_seq_id seq_;
   uint64_t checkedLength_, chunkBytes_;
@@ -764,13 +866,13 @@ class StateImportVerifiedFileWorker : public ContextWorker {
   uint64_t bounced_ = 0;
   ScratchBuffer* scratch_;
   HelperThread* reader_;
+  SequenceStateShape shape_;
 };
 
 // importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests: Uint8Array, scheme,
-//                         payloadOffset, payloadLength, readAhead: boolean)
+//                         payloadOffset, payloadLength, readAhead: boolean, tokens?: number)
 //   -> Promise<{chunks, bouncedChunks}>
-// `fd` (info[10]): the open entry file, read with pread and left open; `path` only names it in
-// messages.
+// `tokens`: the count the entry's header lists; the sequence must then hold exactly [0, tokens).
 // `digests`: the little-endian digest of each chunk of [0, checkedLength), as ChunkDigests() with
 // `scheme` ('xxh64' | 'crc32c').
 Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
@@ -778,12 +880,8 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   RequireIdle(env);
   if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsNumber() || !info[4].IsTypedArray() ||
       info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[6].IsNumber() || !info[7].IsNumber() ||
-      !info[8].IsBoolean() || !info[10].IsNumber()) {
-    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength, readAhead, tokens, fd)");
-  }
-  const double fd = info[10].As<Napi::Number>().DoubleValue();
-  if (!(fd >= 0 && fd <= 2147483647.0 && fd == static_cast<double>(static_cast<int>(fd)))) {
-    throw Napi::RangeError::New(env, "importVerifiedStateFile: fd must be an open file descriptor");
+      !info[8].IsBoolean()) {
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength, readAhead)");
   }
   const DigestScheme scheme = DigestSchemeArg(env, info[5], "importVerifiedStateFile");
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
@@ -801,14 +899,16 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
     throw Napi::RangeError::New(env, "importVerifiedStateFile: digests must hold 8 bytes per chunk of the checked range");
   }
   std::vector<uint8_t> expected(digests.Data(), digests.Data() + digests.ByteLength());
+  const SequenceStateShape shape = StateShape(ExpectedTokensArg(env, info[9], "importVerifiedStateFile"));
   // The worker starts on a thread-pool thread within about 0.1 ms; the reader thread spins that
   // long instead of being woken after it (StateReadGate).
   importReader_.Prewake(std::chrono::microseconds(2000));
   BeginOperation(env);
-  return (new StateImportVerifiedFileWorker(env, this, static_cast<int>(fd), info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
+  return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
                                             static_cast<uint64_t>(chunkBytes), std::move(expected), scheme,
                                             static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
                                             info[8].As<Napi::Boolean>().Value(), &importScratch_, &importReader_))
+      ->Expecting(shape)
       ->Start();
 }
 

@@ -18,6 +18,7 @@
 #include "common/ScratchBuffer.h"
 #include "llama.h"
 #include "llama/LlamaModel.h"
+#include "llama/StateReadGate.h"
 
 namespace kvstash {
 
@@ -63,6 +64,10 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   void RequireIdle(Napi::Env env) const;
   llama_seq_id SequenceArg(Napi::Env env, Napi::Value value, bool allowAll, const char* what) const;
   llama_pos PositionArg(Napi::Env env, Napi::Value value, const char* what) const;
+  // The expected-token-count argument of the imports: -1 when absent.
+  int32_t ExpectedTokensArg(Napi::Env env, Napi::Value value, const char* what) const;
+  // What a sequence state must look like to be imported here (`tokens`: the header's count or -1).
+  SequenceStateShape StateShape(int32_t tokens) const;
   void WaitIdleAndFree();
 
   Napi::Value Info(const Napi::CallbackInfo& info);

@@ -1,5 +1,6 @@
 #include "llama/LlamaModel.h"
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -227,10 +228,13 @@ Napi::Value LlamaModel::TokenPiece(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireLive(env);
   if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "tokenPiece: token must be a number");
-  int32_t token = info[0].As<Napi::Number>().Int32Value();
-  if (token < 0 || token >= nVocab_) {
-    throw MakeError(env, "E_TOKEN_INVALID", "token " + std::to_string(token) + " is not a token of this model");
+  // Compared as a double: Int32Value() would wrap 2^32 + 5 to token 5.
+  const double number = info[0].As<Napi::Number>().DoubleValue();
+  if (!(number >= 0 && number < nVocab_) || number != std::floor(number)) {
+    throw MakeError(env, "E_TOKEN_INVALID", "token " + Napi::Number::New(env, number).ToString().Utf8Value() +
+                                                " is not a token of this model (vocabulary size " + std::to_string(nVocab_) + ")");
   }
+  const llama_token token = static_cast<llama_token>(number);
   char small[128];
   int32_t n = llama_token_to_piece(vocab_, token, small, sizeof(small), 0, info[1].ToBoolean());
   if (n >= 0) return Napi::Buffer<char>::Copy(env, small, n);
@@ -242,9 +246,10 @@ Napi::Value LlamaModel::TokenPiece(const Napi::CallbackInfo& info) {
 Napi::Value LlamaModel::IsEndOfGeneration(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireLive(env);
-  int32_t token = info[0].As<Napi::Number>().Int32Value();
-  if (token < 0 || token >= nVocab_) return Napi::Boolean::New(env, false);
-  return Napi::Boolean::New(env, llama_vocab_is_eog(vocab_, token));
+  if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "isEndOfGeneration: token must be a number");
+  const double number = info[0].As<Napi::Number>().DoubleValue();
+  if (!(number >= 0 && number < nVocab_) || number != std::floor(number)) return Napi::Boolean::New(env, false);
+  return Napi::Boolean::New(env, llama_vocab_is_eog(vocab_, static_cast<llama_token>(number)));
 }
 
 // applyChatTemplate(template, [{role, content}], addAssistant) -> string

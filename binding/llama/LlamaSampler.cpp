@@ -1,5 +1,7 @@
 #include "llama/LlamaSampler.h"
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "common/Errors.h"
@@ -48,6 +50,7 @@ LlamaSampler::LlamaSampler(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Ll
     throw Napi::RangeError::New(env, "sampler: option out of range");
   }
 
+  nVocab_ = static_cast<int32_t>(std::min(vocabSize, 2147483647.0));
   chain_ = llama_sampler_chain_init(llama_sampler_chain_default_params());
   if (repeatPenalty != 1 || frequencyPenalty != 0 || presencePenalty != 0) {
     llama_sampler_chain_add(chain_, llama_sampler_init_penalties(static_cast<int32_t>(vocabSize), static_cast<int32_t>(repeatLastN),
@@ -80,7 +83,11 @@ Napi::Value LlamaSampler::Sample(const Napi::CallbackInfo& info) {
   RequireLive(env);
   if (!info[0].IsObject()) throw Napi::TypeError::New(env, "sample: a context is required");
   LlamaContext* context = LlamaContext::Unwrap(info[0].As<Napi::Object>());
-  const int32_t index = info[1].IsNumber() ? info[1].As<Napi::Number>().Int32Value() : -1;
+  const double number = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
+  if (!(number >= -2147483648.0 && number <= 2147483647.0) || number != std::floor(number)) {
+    throw Napi::RangeError::New(env, "sample: index must be an integer in [-2147483648, 2147483647]");
+  }
+  const int32_t index = static_cast<int32_t>(number);
   const float* row = context->OutputRow(env, index);
   const int32_t nVocab = context->VocabSize();
   candidates_.resize(nVocab);
@@ -99,8 +106,17 @@ Napi::Value LlamaSampler::Sample(const Napi::CallbackInfo& info) {
 Napi::Value LlamaSampler::Accept(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireLive(env);
-  if (!info[0].IsTypedArray()) throw Napi::TypeError::New(env, "accept: tokens must be an Int32Array");
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+    throw Napi::TypeError::New(env, "accept: tokens must be an Int32Array");
+  }
   Napi::Int32Array tokens = info[0].As<Napi::Int32Array>();
+  // All checked before any is accepted: the penalty history never takes half a call.
+  for (size_t i = 0; i < tokens.ElementLength(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= nVocab_) {
+      throw MakeError(env, "E_TOKEN_INVALID", "accept: tokens[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
+                                                  " is not a token of this model");
+    }
+  }
   for (size_t i = 0; i < tokens.ElementLength(); ++i) llama_sampler_accept(chain_, tokens[i]);
   return env.Undefined();
 }

@@ -23,6 +23,8 @@ class LlamaSampler : public Napi::ObjectWrap<LlamaSampler> {
   void RequireLive(Napi::Env env) const;
 
   llama_sampler* chain_ = nullptr;
+
+  int32_t nVocab_ = 0;  // accept() refuses ids outside [0, nVocab_)
   std::vector<llama_token_data> candidates_;  // reused: a vocabulary is ~150k entries
 };
 

@@ -15,8 +15,196 @@
 #include "common/Checksum.h"
 #include "common/CpuRelax.h"
 #include "common/ScratchBuffer.h"
+#include "ggml.h"
 
 namespace kvstash {
+
+namespace {
+
+// Reads the small fields of a state in order, each admitted (verified) before it is read. A read
+// past the end, or of bytes that failed their checksum, stops the walk.
+class StateCursor {
+ public:
+  StateCursor(const uint8_t* data, uint64_t size, const std::function<bool(const uint8_t*, size_t)>& admit)
+      : at_(data), left_(size), admit_(admit) {}
+
+  template <typename T>
+  bool Read(T* value) {
+    if (left_ < sizeof(T)) {
+      ended_ = true;
+      return false;
+    }
+    if (!admit_(at_, sizeof(T))) {
+      unverified_ = true;
+      return false;
+    }
+    std::memcpy(value, at_, sizeof(T));
+    Skip(sizeof(T));
+    return true;
+  }
+  // Steps over `bytes` nobody reads here (K and V rows); false when fewer are left.
+  bool Skip(uint64_t bytes) {
+    if (bytes > left_) {
+      ended_ = true;
+      return false;
+    }
+    at_ += bytes;
+    left_ -= bytes;
+    return true;
+  }
+  uint64_t Left() const { return left_; }
+  bool Unverified() const { return unverified_; }
+  bool Ended() const { return ended_; }
+
+ private:
+  const uint8_t* at_;
+  uint64_t left_;
+  const std::function<bool(const uint8_t*, size_t)>& admit_;
+  bool unverified_ = false, ended_ = false;
+};
+
+// LLAMA_MAX_SEQ (src/llama-cparams.h): no context has more sequences, so no cell names a larger id.
+constexpr int32_t kMaxSequenceId = 256;
+// io_magic in llama-context.cpp: the first u32 of every sequence state.
+constexpr uint32_t kSequenceStateMagic = 0xaf143cd8;
+
+// One walk of the state as `caches` KV caches, each with V rows or not (MLA caches have none).
+// Returns kValid when the bytes are exactly such a state, else why not in `reason`.
+StateCheck WalkState(StateCursor& c, const SequenceStateShape& shape, int caches, bool withV, std::string* reason) {
+  auto str = [](uint64_t v) { return std::to_string(v); };
+  auto invalid = [&](const std::string& why) {
+    *reason = why;
+    return StateCheck::kInvalid;
+  };
+  const std::string truncated = "the state ends inside its own structure";
+  // llama_context::state_seq_get_data's prefix: its magic and the sequence the state came from.
+  uint32_t magic = 0;
+  int32_t source = 0;
+  if (!c.Read(&magic) || !c.Read(&source)) return invalid(truncated);
+  if (magic != kSequenceStateMagic) return invalid("it does not start with llama.cpp's sequence-state magic");
+  if (source < 0 || source >= kMaxSequenceId) return invalid("it names source sequence " + std::to_string(source));
+  for (int cache = 0; cache < caches; ++cache) {
+    uint32_t streams = 0;
+    if (!c.Read(&streams)) return invalid(truncated);
+    if (streams == 0 || streams > static_cast<uint32_t>(kMaxSequenceId)) return invalid("the state has " + str(streams) + " KV streams");
+    if (streams != shape.streams) {
+      *reason = "the state was made with " + str(streams) + " KV streams, this context has " + str(shape.streams) +
+                " (unifiedKv or sequences differ)";
+      return StateCheck::kMismatch;
+    }
+    uint32_t filled = 0;
+    uint64_t cellsSeen = 0;
+    for (uint32_t s = 0; s < streams; ++s) {
+      uint32_t cells = 0;
+      if (!c.Read(&cells)) return invalid(truncated);
+      if (cells == 0) continue;
+      if (++filled > 1) return invalid("the state of one sequence holds cells in more than one KV stream");
+      // Each cell's metadata alone takes this much: a claim the bytes cannot back is refused before
+      // anything is sized by it.
+      if (uint64_t{cells} * (12 + shape.cellExtBytes) > c.Left()) {
+        return invalid("the state claims " + str(cells) + " cells but holds only " + str(c.Left()) + " more bytes");
+      }
+      // The first cache holds every position of the sequence; a sliding-window cache after it keeps
+      // only the window's.
+      if (shape.tokens >= 0 && (cache == 0 ? cells != static_cast<uint32_t>(shape.tokens) : cells > static_cast<uint32_t>(shape.tokens))) {
+        return invalid("the header lists " + str(shape.tokens) + " tokens; the state holds " + str(cells) + " cells");
+      }
+      if (cells > shape.cellsPerStream) {
+        *reason = "the state holds " + str(cells) + " cells; this context holds " + str(shape.cellsPerStream) + " per sequence";
+        return StateCheck::kMismatch;
+      }
+      cellsSeen = cells;
+      // Not above cellsPerStream: with a token count, cells == tokens was checked above.
+      const uint32_t limit = shape.tokens >= 0 ? static_cast<uint32_t>(shape.tokens) : shape.cellsPerStream;
+      std::vector<bool> seen(limit);
+      for (uint32_t i = 0; i < cells; ++i) {
+        int32_t pos = 0, seq = 0;
+        uint32_t owners = 0;
+        if (!c.Read(&pos) || !c.Read(&owners)) return invalid(truncated);
+        if (owners != 1) return invalid("cell " + str(i) + " belongs to " + str(owners) + " sequences, not 1");
+        if (!c.Skip(shape.cellExtBytes) || !c.Read(&seq)) return invalid(truncated);
+        if (seq < 0 || seq >= kMaxSequenceId) return invalid("cell " + str(i) + " names sequence " + std::to_string(seq));
+        if (pos < 0 || static_cast<uint32_t>(pos) >= limit) {
+          return invalid("cell " + str(i) + " is at position " + std::to_string(pos) + ", outside [0, " + str(limit) + ")" +
+                         (shape.tokens >= 0 ? " (the header's tokens)" : " (the context)"));
+        }
+        if (seen[pos]) return invalid("position " + std::to_string(pos) + " appears in two cells");
+        seen[pos] = true;
+      }
+      uint32_t vTrans = 0, layers = 0;
+      if (!c.Read(&vTrans) || !c.Read(&layers)) return invalid(truncated);
+      if (vTrans > 1) return invalid("the V-transposed flag is " + str(vTrans));
+      if (layers == 0 || layers > shape.maxLayers) {
+        return invalid("the state has " + str(layers) + " layers; the model has " + str(shape.maxLayers));
+      }
+      auto rows = [&](const char* what, uint32_t layer, uint64_t rowBytes, uint64_t count) -> std::string {
+        if (rowBytes == 0 || rowBytes > c.Left() / count) {
+          return std::string("layer ") + str(layer) + "'s " + what + " rows (" + str(count) + " of " + str(rowBytes) +
+                 " bytes) do not fit in the " + str(c.Left()) + " bytes left";
+        }
+        c.Skip(rowBytes * count);
+        return "";
+      };
+      for (uint32_t layer = 0; layer < layers; ++layer) {
+        int32_t type = 0;
+        uint64_t rowBytes = 0;
+        if (!c.Read(&type) || !c.Read(&rowBytes)) return invalid(truncated);
+        if (type < 0 || type >= GGML_TYPE_COUNT) return invalid("layer " + str(layer) + "'s K type is " + std::to_string(type));
+        std::string bad = rows("K", layer, rowBytes, cells);
+        if (!bad.empty()) return invalid(bad);
+      }
+      for (uint32_t layer = 0; withV && layer < layers; ++layer) {
+        int32_t type = 0;
+        if (!c.Read(&type)) return invalid(truncated);
+        if (type < 0 || type >= GGML_TYPE_COUNT) return invalid("layer " + str(layer) + "'s V type is " + std::to_string(type));
+        std::string bad;
+        if (vTrans == 0) {
+          uint64_t rowBytes = 0;
+          if (!c.Read(&rowBytes)) return invalid(truncated);
+          bad = rows("V", layer, rowBytes, cells);
+        } else {
+          // Transposed: one run of `cells` elements per embedding row.
+          uint32_t elementBytes = 0, embd = 0;
+          if (!c.Read(&elementBytes) || !c.Read(&embd)) return invalid(truncated);
+          if (embd == 0) return invalid("layer " + str(layer) + "'s V has no rows");
+          bad = rows("V", layer, uint64_t{elementBytes} * cells, embd);
+        }
+        if (!bad.empty()) return invalid(bad);
+      }
+    }
+    if (cache == 0 && shape.tokens > 0 && cellsSeen == 0) {
+      return invalid("the header lists " + str(shape.tokens) + " tokens; the state holds no cells");
+    }
+  }
+  if (c.Left() != 0) return invalid(str(c.Left()) + " bytes follow the end of the state");
+  return StateCheck::kValid;
+}
+
+}  // namespace
+
+StateCheck CheckSequenceState(const uint8_t* data, uint64_t size, const SequenceStateShape& shape,
+                              const std::function<bool(const uint8_t*, size_t)>& admit, std::string* reason) {
+  if (!shape.known) return StateCheck::kValid;
+  // The model's public description does not say whether its caches keep V rows, nor (for sure)
+  // whether a sliding-window cache follows the first; the walk tries each reading, the likeliest
+  // first. Positions and cell counts are read the same way by all of them.
+  const int firstCaches = shape.swaFirst ? 2 : 1;
+  StateCheck first = StateCheck::kValid;
+  for (int caches : {firstCaches, 3 - firstCaches}) {
+    for (bool withV : {true, false}) {
+      StateCursor cursor(data, size, admit);
+      std::string why;
+      const StateCheck check = WalkState(cursor, shape, caches, withV, &why);
+      if (cursor.Unverified()) return StateCheck::kUnverified;
+      if (check == StateCheck::kValid) return check;
+      if (first == StateCheck::kValid) {
+        first = check;
+        *reason = why;
+      }
+    }
+  }
+  return first;
+}
 
 namespace {
 
@@ -264,6 +452,10 @@ bool StateReadGate::ClaimAhead(uint64_t index) {
 
 bool StateReadGate::Admit(const uint8_t* data, size_t size) {
   consulted_ = true;
+  return Verify(data, size);
+}
+
+bool StateReadGate::Verify(const uint8_t* data, size_t size) {
   if (data < buffer_ || data >= buffer_ + length_ || size == 0) return true;
   const uint64_t offset = static_cast<uint64_t>(data - buffer_);
   const uint64_t last = (std::min(length_, offset + size) - 1) / chunkBytes_;

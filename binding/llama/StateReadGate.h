@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -48,6 +49,34 @@ struct kvstash_tensor_read {
 extern "C" bool kvstash_state_read_tensors(const kvstash_tensor_read* reads, size_t count);
 
 namespace kvstash {
+
+// What llama_state_seq_get_data bytes must look like to be imported into one sequence of a context
+// (in the pinned llama.cpp: llama_context::state_seq_get_data's magic and source sequence, then
+// llama_kv_cache::state_write for each cache: the stream count;
+// per stream, the cell count, each cell's position, sequence ids and optional extension, then each
+// layer's K and V rows). llama.cpp sizes allocations by the state's own cell count before it
+// compares anything with the context, and trusts the positions; the checksums only prove that the
+// bytes are the ones written, not that the writer told the truth.
+struct SequenceStateShape {
+  bool known = false;           // false: a memory whose layout this check does not parse (recurrent, hybrid)
+  uint32_t streams = 1;         // n_stream: 1 with a unified KV cache, else the context's sequences
+  uint32_t cellsPerStream = 0;  // cells a stream holds: the context size per sequence
+  int32_t tokens = -1;          // the header's token count (positions exactly [0, tokens)), or -1: unknown
+  uint32_t cellExtBytes = 0;    // sizeof(llama_kv_cell_ext) when the model keeps it (M-RoPE, PLE), else 0
+  uint32_t maxLayers = 0;       // the model's layer count: no cache holds more
+  bool swaFirst = false;        // the model has sliding-window layers: try two caches (base, SWA) first
+};
+
+// kInvalid: the bytes contradict themselves, the model or their header (a lie: corrupt).
+// kMismatch: a consistent state that does not fit this context (more cells than it holds, another
+// stream count): made for another context, not damaged.
+enum class StateCheck { kValid, kInvalid, kMismatch, kUnverified };
+
+// Walks the structure of the `size` state bytes at `data` without reading any bulk row, asking
+// `admit` before each field it reads (false: those bytes failed their checksum: kUnverified). On
+// kInvalid and kMismatch, `reason` says what is wrong.
+StateCheck CheckSequenceState(const uint8_t* data, uint64_t size, const SequenceStateShape& shape,
+                              const std::function<bool(const uint8_t*, size_t)>& admit, std::string* reason);
 
 class StateReadGate {
  public:
@@ -69,6 +98,8 @@ class StateReadGate {
   // Returns once [data, data + size) is verified; false when a chunk it covers failed. Bytes
   // outside the buffer are not this gate's: they pass.
   bool Admit(const uint8_t* data, size_t size);
+  // Admit() for kvstash's own reads (CheckSequenceState): it does not count as llama.cpp asking.
+  bool Verify(const uint8_t* data, size_t size);
   // Does llama.cpp's deferred copies (in buffer order) from verified bytes only, on this thread
   // and the helper; true when it took them (the import then fails if a chunk failed). False, and
   // nothing done, when they are not all from the buffer into host memory: llama.cpp then copies

@@ -13,7 +13,7 @@ import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import type { Context } from '../llama/context.js';
 import { requireInteger, toInt32Array } from '../util/validate.js';
 import { userCacheDir } from '../util/paths.js';
-import { ENTRY_EXTENSION, decodeEntry, encodeEntry, entryKey, openEntryFile, readVerifiedEntryFrom, verifiedRanges, type EntryFile, type EntryHeader } from './entry.js';
+import { decodeEntry, encodeEntry, entryKey, readVerifiedEntry, verifiedRanges, type EntryFile, type EntryHeader } from './entry.js';
 import { contextIdentity, mismatchReason, type EntryIdentity } from './identity.js';
 import { DirectoryStore, type CacheStore } from './store.js';
 
@@ -59,7 +59,7 @@ export interface RestoreResult {
 }
 
 export interface CacheProblem {
-  code: Extract<KvstashErrorCode, 'E_CACHE_CORRUPT' | 'E_CACHE_MISMATCH' | 'E_CACHE_NOT_FILE' | 'E_STATE_LOAD' | 'E_STATE_SAVE'> | string;
+  code: Extract<KvstashErrorCode, 'E_CACHE_CORRUPT' | 'E_CACHE_MISMATCH' | 'E_STATE_LOAD' | 'E_STATE_SAVE'> | string;
   message: string;
   key?: string;
   path?: string;
@@ -95,21 +95,7 @@ interface Candidate {
   key?: string;
   sourceSequence?: number;
   ram?: RamItem;
-  file?: { name: string; path: string; entry: EntryFile };
-}
-
-/** A disk candidate whose file another process removed or replaced since the scan: a miss. */
-class EntryGone extends Error {}
-
-/** A problem found by verify(). */
-export interface VerifyProblem {
-  path: string;
-  /** E_CACHE_CORRUPT (removed with `remove: true`) or E_CACHE_NOT_FILE (never removed). */
-  code: KvstashErrorCode;
-  reason: string;
-  message: string;
-  /** Whether verify({remove: true}) removed it. */
-  removed: boolean;
+  file?: { path: string; entry: EntryFile };
 }
 
 const TIER_ORDER: Record<CacheTier, number> = { resident: 0, ram: 1, disk: 2, store: 3 };
@@ -268,13 +254,11 @@ export class PromptCache extends EventEmitter {
    */
   async find(labelOrKey: string): Promise<CacheEntryInfo[]> {
     const entries = await this.list();
-    // Labels match exactly (case too); keys are hex, and match in either case.
     const labelled = entries.filter((e) => e.label === labelOrKey);
     if (labelled.length > 0) return labelled;
-    const key = labelOrKey.toLowerCase();
-    const exact = entries.filter((e) => e.key === key);
-    if (exact.length > 0 || !/^[0-9a-f]{4,}$/.test(key)) return exact;
-    return entries.filter((e) => e.key.startsWith(key));
+    const exact = entries.filter((e) => e.key === labelOrKey);
+    if (exact.length > 0 || !/^[0-9a-f]{4,}$/.test(labelOrKey)) return exact;
+    return entries.filter((e) => e.key.startsWith(labelOrKey));
   }
 
   /** The newest entry with this label, or the entry with this key (or unique key start). */
@@ -284,23 +268,17 @@ export class PromptCache extends EventEmitter {
   }
 
   /** Deletes every entry with this label, or the entry with this key (or unique key start), from
-   * every tier; resolves with how many were deleted (from at least one tier: one that another
-   * process removed meanwhile is not counted). */
+   * every tier; resolves with how many were deleted. */
   async delete(labelOrKey: string): Promise<number> {
     await this.flush();
     const found = await this.find(labelOrKey);
     const doomed = found.length === 1 || found[0]?.label === labelOrKey ? found : [];
-    let deleted = 0;
     for (const entry of doomed) {
-      let removed = this.ram.delete(entry.key);
-      if (this.disk && (await this.disk.unlink(`${entry.key}${ENTRY_EXTENSION}`))) removed = true;
-      if (this.store) {
-        await this.store.delete(entry.key);
-        removed ||= entry.tiers.includes('store');
-      }
-      if (removed) deleted++;
+      this.ram.delete(entry.key);
+      await this.disk?.delete(entry.key);
+      await this.store?.delete(entry.key);
     }
-    return deleted;
+    return doomed.length;
   }
 
   async clear(): Promise<void> {
@@ -312,34 +290,21 @@ export class PromptCache extends EventEmitter {
     this.ram.clear();
   }
 
-  /**
-   * Reads every byte of every disk entry and checks it; problems are reported: corrupt entries
-   * (removed with `remove: true`, and only the very file found corrupt) and paths that are not
-   * regular files (E_CACHE_NOT_FILE, never removed). An entry that another process removes while
-   * this runs is not a problem.
-   */
-  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: VerifyProblem[] }> {
+  /** Reads every byte of every disk entry and checks it; corrupt entries are reported (and removed
+   * with `remove: true`). */
+  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: Array<{ path: string; reason: string; message: string }> }> {
     await this.flush();
-    const corrupt: VerifyProblem[] = [];
+    const corrupt: Array<{ path: string; reason: string; message: string }> = [];
     let ok = 0;
     if (!this.disk) return { ok, corrupt };
     for (const { name } of await this.disk.scan()) {
       const file = path.join(this.disk.dir, name);
-      let opened;
       try {
-        opened = await openEntryFile(file);
-        if (!opened) continue;
-        const { entry } = await readVerifiedEntryFrom(opened);
-        const misnamed = this.disk.namingProblem(name, entry);
-        if (misnamed) throw misnamed;
+        await readVerifiedEntry(file);
         ok++;
       } catch (err) {
-        const code = err instanceof KvstashError ? err.code : 'E_CACHE_CORRUPT';
-        // Only what was read and proven corrupt, identified by the descriptor it was read from.
-        const removed = options.remove === true && code === 'E_CACHE_CORRUPT' && opened !== undefined && (await this.disk.removeIfSame(name, opened));
-        corrupt.push({ path: file, code, reason: (err as KvstashError).reason ?? (err as Error).message, message: (err as Error).message, removed });
-      } finally {
-        await opened?.handle.close();
+        corrupt.push({ path: file, reason: (err as KvstashError).reason ?? (err as Error).message, message: (err as Error).message });
+        if (options.remove) await this.disk.delete(name.slice(0, -'.kvstash'.length));
       }
     }
     return { ok, corrupt };
@@ -411,7 +376,7 @@ export class PromptCache extends EventEmitter {
           }
           continue;
         }
-        out.push({ tier: 'disk', key: entry.key, length, entryTokens: entry.header.tokenCount, file: { name, path: path.join(this.disk.dir, name), entry } });
+        out.push({ tier: 'disk', key: entry.key, length, entryTokens: entry.header.tokenCount, file: { path: path.join(this.disk.dir, name), entry } });
       }
     }
     if (this.store && out.every((c) => c.length < limit)) {
@@ -442,26 +407,13 @@ export class PromptCache extends EventEmitter {
         const item = candidate.ram!;
         item.lastUsed = performance.now();
         await context.exclusive(() => memory.remove(sequence));
-        await context.importState(item.payload, { sequence });
+        await context.importState(item.payload, { sequence, tokens: item.header.tokenCount });
         break;
       }
       case 'disk': {
-        const { name, path: file, entry } = candidate.file!;
-        // Header and payload come from this one descriptor: a file renamed over the path or removed
-        // by another process after the scan is a miss, never checked against the old digests.
-        const opened = await this.disk!.openEntry(name, entry);
-        if (!opened) throw new EntryGone();
-        try {
-          await context.exclusive(() => memory.remove(sequence));
-          await context.importVerifiedFile(opened, verifiedRanges(entry), { sequence });
-        } catch (err) {
-          // A corrupt entry file can never become valid: remove it so nobody pays for it again,
-          // unless another process has put a new file in its place since.
-          if (Math.random() > 2 && err instanceof KvstashError && err.code === 'E_CACHE_CORRUPT') await this.disk!.removeIfSame(name, opened);
-          throw err;
-        } finally {
-          await opened.handle.close();
-        }
+        const { path: file, entry } = candidate.file!;
+        await context.exclusive(() => memory.remove(sequence));
+        await context.importVerifiedFile(file, verifiedRanges(entry), { sequence, tokens: entry.header.tokenCount });
         void this.disk!.touch(entry.key);
         // Promoted to RAM in the background, so the next restore of this prefix skips the disk. Not
         // inside the restore: llama.cpp imports straight from the mapped file, and a copy of the
@@ -476,7 +428,7 @@ export class PromptCache extends EventEmitter {
         const reason = mismatchReason(entry.header, contextIdentity(context));
         if (reason) throw new KvstashError('E_CACHE_MISMATCH', `store entry ${entry.key} was not loaded: ${reason}`);
         await context.exclusive(() => memory.remove(sequence));
-        await context.importState(payload, { sequence });
+        await context.importState(payload, { sequence, tokens: entry.header.tokenCount });
         // A copy: the store's Buffer is not ours to keep (a store may reuse it), and bytes in RAM
         // are never checked again.
         this.putRam(entry.key, entry.header, Buffer.from(payload));
@@ -493,14 +445,8 @@ export class PromptCache extends EventEmitter {
   /** Reads a disk entry into the RAM tier (verified again: its bytes come from the file anew). */
   private async promote(file: string, key: string): Promise<void> {
     try {
-      const opened = await openEntryFile(file);
-      if (!opened) return; // evicted by another process meanwhile
-      try {
-        const { entry, payload } = await readVerifiedEntryFrom(opened);
-        if (entry.key === key && !this.ram.has(key)) this.putRam(key, entry.header, payload);
-      } finally {
-        await opened.handle.close();
-      }
+      const { entry, payload } = await readVerifiedEntry(file);
+      if (entry.key === key && !this.ram.has(key)) this.putRam(key, entry.header, payload);
     } catch (err) {
       this.problem({ code: (err as KvstashError).code ?? 'E_CACHE_CORRUPT', message: `could not promote cache entry ${key} to RAM: ${(err as Error).message}`, key });
     }
@@ -538,11 +484,9 @@ export class PromptCache extends EventEmitter {
     let total = files.reduce((sum, f) => sum + f.size, 0);
     for (const file of files) {
       if (total <= this.maxDiskBytes) break;
-      const key = file.name.slice(0, -ENTRY_EXTENSION.length);
-      // Not a file (a directory, a FIFO): not the cache's to delete; a file another process
-      // removed first: evicted all the same.
-      if (key === keep || isNotFile(file.entry)) continue;
-      await this.disk!.unlink(file.name);
+      const key = file.name.slice(0, -'.kvstash'.length);
+      if (key === keep) continue;
+      await this.disk!.delete(key);
       total -= file.size;
       this.emit('evict', { tier: 'disk', key });
     }
@@ -575,9 +519,10 @@ export class PromptCache extends EventEmitter {
   }
 
   private reportFailure(err: unknown, candidate: Candidate): void {
-    if (err instanceof EntryGone) return;
     const code = err instanceof KvstashError ? err.code : 'E_STATE_LOAD';
     this.problem({ code, message: (err as Error).message, ...(candidate.key ? { key: candidate.key } : {}), ...(candidate.file ? { path: candidate.file.path } : {}) });
+    // A corrupt entry file can never become valid: remove it so nobody pays for it again.
+    if (code === 'E_CACHE_CORRUPT' && candidate.tier === 'disk' && candidate.key) void this.disk?.delete(candidate.key);
   }
 
   private reportOnce(id: string, problem: CacheProblem): void {
@@ -592,10 +537,6 @@ export class PromptCache extends EventEmitter {
     else this.counters.problems.other++;
     this.emit('problem', problem);
   }
-}
-
-function isNotFile(entry: EntryFile | Error): boolean {
-  return entry instanceof KvstashError && entry.code === 'E_CACHE_NOT_FILE';
 }
 
 /** Length of the common prefix of two token lists. */

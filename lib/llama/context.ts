@@ -3,9 +3,7 @@ import fsp from 'node:fs/promises';
 import type { DigestScheme, NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { replaceFileAtomic } from '../util/atomic-file.js';
-import type { OpenedFile } from '../util/regular-file.js';
-import { openEntryFile } from '../cache/entry.js';
-import { requireInteger, requireString, toInt32Array } from '../util/validate.js';
+import { describe, INT32_MAX, INT32_MIN, requireInteger, requireString, toInt32Array } from '../util/validate.js';
 import type { Model } from './model.js';
 import { OperationQueue, abortError } from './queue.js';
 
@@ -92,6 +90,13 @@ export class Context {
 
   /** @internal */
   static nativeOptions(options: ContextOptions, defaultThreads: number): NativeContextOptions {
+    // The native layer checks these too; here a non-integer or huge value is a TypeError/RangeError
+    // naming the option before anything is converted.
+    if (options.contextSize !== undefined) requireInteger(options.contextSize, 'contextSize', 16, 1 << 24);
+    if (options.batchSize !== undefined) requireInteger(options.batchSize, 'batchSize', 1, 1 << 20);
+    if (options.ubatchSize !== undefined) requireInteger(options.ubatchSize, 'ubatchSize', 1, options.batchSize ?? 1 << 20);
+    if (options.sequences !== undefined) requireInteger(options.sequences, 'sequences', 1, 256);
+    if (options.threads !== undefined) requireInteger(options.threads, 'threads', 1, 1024);
     const flash = options.flashAttention;
     return {
       ...options,
@@ -187,13 +192,18 @@ export class Context {
   }
 
   /** Loads bytes from exportState() into one sequence (or the whole context). The buffer is read in
-   * place; do not modify it until the promise settles. */
-  importState(bytes: Uint8Array, options: SequenceOptions = {}): Promise<void> {
+   * place; do not modify it until the promise settles. The state's structure is checked before
+   * llama.cpp reads it (cell count within the context, positions inside it, sizes that add up to
+   * the bytes given): bytes that fail are E_STATE_LOAD. With `tokens` (the count a cache entry's
+   * header lists) the sequence must also hold exactly positions [0, tokens), before and after the
+   * import, or it is E_CACHE_CORRUPT (E_CACHE_MISMATCH when the state is for a larger context). */
+  importState(bytes: Uint8Array, options: SequenceOptions & { tokens?: number } = {}): Promise<void> {
     if (!(bytes instanceof Uint8Array)) throw new TypeError('bytes must be a Buffer or Uint8Array');
+    const tokens = expectedTokens(options.tokens);
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
       try {
-        await this.handle.importState(bytes, sequence);
+        await this.handle.importState(bytes, sequence, tokens);
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
         throw err;
@@ -211,27 +221,26 @@ export class Context {
   }
 
   /**
-   * @internal For lib/cache: reads bytes [0, checkedLength) of `file` (an entry file opened with
-   * openEntryFile, whose header gave `ranges`, or the path of one), verifies each chunk of
+   * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies each chunk of
    * `chunkBytes` against its digest in `chunkDigests` (the entry format's digest table), and imports
    * [payloadOffset, payloadOffset + payloadBytes) as state. llama.cpp reads no byte before it is
    * verified, and the import fails (the sequence emptied) when any chunk does. Resolves with how
    * many chunks there were and how many were copied straight from the file into the KV cache
    * (binding/llama/StateReadGate.h); `readAhead: false` (for tests) sends every bulk chunk that way.
+   * `tokens`: the count the entry's header lists, checked as importState() checks it; a state that
+   * contradicts it is E_CACHE_CORRUPT.
    */
   importVerifiedFile(
-    file: string | OpenedFile,
+    file: string,
     ranges: VerifiedRanges,
-    options: SequenceOptions & { readAhead?: boolean } = {},
+    options: SequenceOptions & { readAhead?: boolean; tokens?: number } = {},
   ): Promise<{ chunks: number; bouncedChunks: number }> {
+    const tokens = expectedTokens(options.tokens);
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
-      // The native import reads the descriptor it is given and opens nothing by path.
-      const opened = typeof file === 'string' ? await openEntryFile(file) : file;
-      if (!opened) throw new KvstashError('E_CACHE_CORRUPT', `cache entry ${file as string} is not there any more`);
       try {
         return await this.handle.importVerifiedStateFile(
-          opened.path,
+          file,
           sequence,
           ranges.checkedLength,
           ranges.chunkBytes,
@@ -240,14 +249,11 @@ export class Context {
           ranges.payloadOffset,
           ranges.payloadBytes,
           options.readAhead ?? true,
-          undefined, // tokens: the header's count, for the state-structure check
-          opened.handle.fd,
+          tokens,
         );
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
         throw err;
-      } finally {
-        if (opened !== file) await opened.handle.close();
       }
     });
   }
@@ -283,7 +289,8 @@ export class Context {
     return this.checkSequence(sequence, 'sequence');
   }
 
-  private checkSequence(sequence: unknown, name: string): number {
+  /** @internal */
+  checkSequence(sequence: unknown, name: string): number {
     if (typeof sequence !== 'number' || !Number.isInteger(sequence)) throw new TypeError(`${name} must be an integer`);
     if (sequence < 0 || sequence >= this.info.sequences) {
       throw new KvstashError('E_SEQUENCE_INVALID', `${name} ${sequence} is outside this context's sequences [0, ${this.info.sequences})`);
@@ -319,7 +326,8 @@ export class Context {
       positions = new Int32Array(n);
       const next = new Map<number, number>();
       if (options.start !== undefined) {
-        requireInteger(options.start, 'start', 0);
+        // Within int32: a larger start would wrap to a small position in the Int32Array below.
+        requireInteger(options.start, 'start', 0, INT32_MAX);
         // One start for all tokens of a sequence; with several sequences each counts from start.
         for (let i = 0; i < n; i++) {
           const s = sequences[i]!;
@@ -355,7 +363,10 @@ export class Context {
   }
 }
 
-/** KV cache edits. Positions are token positions; `p1` is exclusive; omit a bound for an open range. */
+/** KV cache edits. Positions are token positions; `p1` is exclusive; omit a bound (or pass -1 or
+ * Infinity) for an open range. Every argument is checked before llama.cpp sees it: a sequence
+ * outside the context is E_SEQUENCE_INVALID, a bound outside [0, sequenceContextSize] is
+ * E_POSITION_INVALID, a non-integer a TypeError. */
 export class ContextMemory {
   constructor(private readonly context: Context) {}
 
@@ -363,20 +374,23 @@ export class ContextMemory {
    * shared, not duplicated: no bytes move. */
   copy(source: number, destination: number, p0?: number, p1?: number): void {
     this.context.requireLive();
-    this.context.handle.memoryCopy(source, destination, p0 ?? -1, p1 ?? -1);
+    const from = this.context.checkSequence(source, 'source');
+    const to = this.context.checkSequence(destination, 'destination');
+    this.context.handle.memoryCopy(from, to, this.bound(p0, 'p0'), this.bound(p1, 'p1'));
   }
 
-  /** Removes positions [p0, p1) of `sequence` (every sequence when it is undefined). Returns false
-   * when llama.cpp cannot remove a partial range (recurrent models). */
+  /** Removes positions [p0, p1) of `sequence` (every sequence when it is undefined or -1). Returns
+   * false when llama.cpp cannot remove a partial range (recurrent models). */
   remove(sequence?: number, p0?: number, p1?: number): boolean {
     this.context.requireLive();
-    return this.context.handle.memoryRemove(sequence ?? -1, p0 ?? -1, p1 ?? -1);
+    const which = sequence === undefined || sequence === -1 ? -1 : this.context.checkSequence(sequence, 'sequence');
+    return this.context.handle.memoryRemove(which, this.bound(p0, 'p0'), this.bound(p1, 'p1'));
   }
 
   /** Removes every sequence but `sequence`. */
   keep(sequence: number): void {
     this.context.requireLive();
-    this.context.handle.memoryKeep(sequence);
+    this.context.handle.memoryKeep(this.context.checkSequence(sequence, 'sequence'));
   }
 
   /** Empties the whole KV cache. */
@@ -385,18 +399,40 @@ export class ContextMemory {
     this.context.handle.memoryClear();
   }
 
-  /** Adds `delta` to the positions [p0, p1) of `sequence` (needs a model whose memory can shift). */
+  /** Adds `delta` to the positions [p0, p1) of `sequence` (needs a model whose memory can shift).
+   * Positions moved below 0 are removed, as in llama.cpp; a shift that would move a position to
+   * or past the context's end is E_POSITION_INVALID, and nothing moves. */
   shift(sequence: number, delta: number, p0?: number, p1?: number): void {
     this.context.requireLive();
-    this.context.handle.memoryShift(sequence, p0 ?? -1, p1 ?? -1, delta);
+    const which = this.context.checkSequence(sequence, 'sequence');
+    requireInteger(delta, 'delta', INT32_MIN, INT32_MAX);
+    this.context.handle.memoryShift(which, this.bound(p0, 'p0'), this.bound(p1, 'p1'), delta);
   }
 
   /** Smallest and largest position held by `sequence`; both -1 when it is empty. */
   range(sequence: number): { min: number; max: number } {
     this.context.requireLive();
-    const [min, max] = this.context.handle.memoryRange(sequence);
+    const [min, max] = this.context.handle.memoryRange(this.context.checkSequence(sequence, 'sequence'));
     return { min, max };
   }
+
+  /** A range bound as llama.cpp takes it: -1 for open. */
+  private bound(position: unknown, name: string): number {
+    if (position === undefined || position === -1 || position === Infinity) return -1;
+    if (typeof position !== 'number' || !Number.isInteger(position)) {
+      throw new TypeError(`${name} must be an integer position, got ${describe(position)}`);
+    }
+    const size = this.context.info.sequenceContextSize;
+    if (position < 0 || position > size) {
+      throw new KvstashError('E_POSITION_INVALID', `${name} ${position} is outside the context's positions [0, ${size}]`);
+    }
+    return position;
+  }
+}
+
+/** The `tokens` option of the imports: a header's token count, or undefined. */
+function expectedTokens(tokens: unknown): number | undefined {
+  return tokens === undefined ? undefined : requireInteger(tokens, 'tokens', 0, INT32_MAX);
 }
 
 /**

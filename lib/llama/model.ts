@@ -4,7 +4,7 @@ import { KvstashError } from '../errors.js';
 import { fingerprintModel } from '../models/fingerprint.js';
 import { readGgufHeader } from '../models/gguf.js';
 import { validateModelMetadata } from '../models/gguf-validate.js';
-import { requireString, toInt32Array } from '../util/validate.js';
+import { describe, requireString, toInt32Array } from '../util/validate.js';
 import { Context, type ContextOptions } from './context.js';
 import { Sampler, type SamplingOptions } from './sampler.js';
 
@@ -95,13 +95,13 @@ export class Model {
   /** The raw bytes of one token (a token may end inside a multi-byte character). */
   tokenBytes(token: number, options: { special?: boolean } = {}): Uint8Array {
     this.requireLive();
-    return this.handle.tokenPiece(token, options.special ?? false);
+    return this.handle.tokenPiece(this.checkToken(token), options.special ?? false);
   }
 
   /** True for tokens that end a generation (EOS, EOT, and the like). */
   isEndOfGeneration(token: number): boolean {
     this.requireLive();
-    return this.handle.isEndOfGeneration(token);
+    return this.handle.isEndOfGeneration(this.checkToken(token));
   }
 
   /**
@@ -138,6 +138,16 @@ export class Model {
 
   private requireLive(): void {
     if (this.disposed) throw new KvstashError('E_DISPOSED', 'the model was disposed; load it again to use it');
+  }
+
+  /** A token id of this model: a non-integer is a TypeError, anything outside the vocabulary
+   * (2^32 + 5 included: it must not wrap to 5) E_TOKEN_INVALID. */
+  private checkToken(token: unknown): number {
+    if (typeof token !== 'number' || !Number.isInteger(token)) throw new TypeError(`token must be an integer, got ${describe(token)}`);
+    if (token < 0 || token >= this.info.vocabSize) {
+      throw new KvstashError('E_TOKEN_INVALID', `token ${token} is not a token of this model (vocabulary size ${this.info.vocabSize})`);
+    }
+    return token;
   }
 }
 

@@ -1,6 +1,6 @@
 import { native, type NativeSampler } from '../binding.js';
 import { KvstashError } from '../errors.js';
-import { requireInteger, requireNumber, toInt32Array } from '../util/validate.js';
+import { INT32_MAX, INT32_MIN, requireInteger, requireNumber, toInt32Array } from '../util/validate.js';
 import type { Context } from './context.js';
 
 export interface SamplingOptions {
@@ -28,9 +28,11 @@ export interface SamplingOptions {
 export class Sampler {
   private readonly handle: NativeSampler;
   private disposed = false;
+  private readonly vocabSize: number;
 
   /** @internal Use model.createSampler(). */
   constructor(options: SamplingOptions, vocabSize: number) {
+    this.vocabSize = vocabSize;
     const temperature = requireNumber(options.temperature ?? 0, 'temperature', 0, 100);
     const random = temperature > 0;
     this.handle = new (native().LlamaSampler)({
@@ -52,13 +54,21 @@ export class Sampler {
   sample(context: Context, index = -1): number {
     this.requireLive();
     context.requireLive();
+    requireInteger(index, 'index', INT32_MIN, INT32_MAX);
     return this.handle.sample(context.handle, index);
   }
 
   /** Adds tokens (a prompt, say) to the penalty history without sampling. */
   accept(tokens: Int32Array | readonly number[]): void {
     this.requireLive();
-    this.handle.accept(toInt32Array(tokens, 'tokens'));
+    const accepted = toInt32Array(tokens, 'tokens');
+    // The penalty sampler counts tokens by id: one outside the vocabulary is no token at all.
+    for (let i = 0; i < accepted.length; i++) {
+      if (accepted[i]! < 0 || accepted[i]! >= this.vocabSize) {
+        throw new KvstashError('E_TOKEN_INVALID', `tokens[${i}] = ${accepted[i]} is not a token of this model (vocabulary size ${this.vocabSize})`);
+      }
+    }
+    this.handle.accept(accepted);
   }
 
   reset(): void {

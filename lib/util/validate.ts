@@ -1,5 +1,10 @@
 /** Argument checks shared by the public API: plain TypeError/RangeError, as Node's own APIs throw. */
 
+/** The bounds of llama.cpp's token ids, positions and counts (int32_t): a larger number would wrap
+ * when it is stored in an Int32Array or converted by the native layer. */
+export const INT32_MIN = -2147483648;
+export const INT32_MAX = 2147483647;
+
 export function requireInteger(value: unknown, name: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof value !== 'number' || !Number.isInteger(value)) {
     throw new TypeError(`${name} must be an integer, got ${describe(value)}`);
@@ -26,7 +31,7 @@ export function toInt32Array(value: unknown, name: string): Int32Array {
     const out = new Int32Array(value.length);
     for (let i = 0; i < value.length; i++) {
       const v: unknown = value[i];
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < -2147483648 || v > 2147483647) {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < INT32_MIN || v > INT32_MAX) {
         throw new TypeError(`${name}[${i}] must be a 32-bit integer, got ${describe(v)}`);
       }
       out[i] = v;
