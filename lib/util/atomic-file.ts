@@ -29,7 +29,7 @@ export async function replaceFileAtomic(
 ): Promise<void> {
   await refuseNonFile(file, code);
   // Hidden, and pid + counter: two writers in one process, or two processes, never share one.
-  const tmp = path.join(path.dirname(file), `${path.basename(file)}.tmp-${process.pid}-${tempCounter++}.kvstash`);
+  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${tempCounter++}`);
   try {
     await produce(tmp);
     const handle = await fsp.open(tmp, 'r+');
