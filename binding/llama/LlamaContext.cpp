@@ -775,26 +775,24 @@ Napi::Value LlamaContext::ImportState(const Napi::CallbackInfo& info) {
 // Reads a file region, verifies it against its chunk digests (lib/cache/entry.ts: formats 2 and 3
 // hash 64 KiB chunks, format 1 is one chunk) and imports a sub-range as sequence state, all off the main
 // thread. lib/cache decides what the ranges mean; this guarantees that llama.cpp reads no byte
-// before it is verified, and that an import fails as a whole when any chunk does. Reading,
+// before it is verified, and that an import fails as a whole when any chunk does. It reads the
+// descriptor lib/cache opened and read the header from (lib/util/regular-file.ts: never a FIFO,
+// never through a symlink), and opens nothing by path: a file that another process renames over
+// the path meanwhile is never checked against this one's digests. The descriptor stays JS's. Reading,
 // checking and importing overlap (StateReadGate): about one pass over the bytes instead of three.
 class StateImportVerifiedFileWorker : public ContextWorker {
  public:
-  StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, std::string path, llama_seq_id seq,
+  StateImportVerifiedFileWorker(Napi::Env env, LlamaContext* owner, int fd, std::string path, llama_seq_id seq,
                                 uint64_t checkedLength, uint64_t chunkBytes, std::vector<uint8_t> digests,
                                 DigestScheme scheme, uint64_t payloadOffset, uint64_t payloadLength, bool readAhead,
                                 ScratchBuffer* scratch, HelperThread* reader)
-      : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), path_(std::move(path)), seq_(seq),
+      : ContextWorker(env, "kvstash.importVerifiedStateFile", owner), fd_(fd), path_(std::move(path)), seq_(seq),
         checkedLength_(checkedLength), chunkBytes_(chunkBytes), digests_(std::move(digests)),
         scheme_(scheme), payloadOffset_(payloadOffset), payloadLength_(payloadLength), readAhead_(readAhead), scratch_(scratch), reader_(reader) {}
 
  protected:
   void Work(llama_context* ctx) override {
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw NativeError("E_CACHE_CORRUPT", "cannot open cache entry " + path_ + ": " + std::strerror(errno));
-    struct CloseOnExit {
-      int fd;
-      ~CloseOnExit() { ::close(fd); }
-    } closer{fd};
+    const int fd = fd_;
     // Reused across restores: a fresh multi-megabyte allocation page-faults on first touch, which
     // costs as much as the read itself.
     uint8_t* buffer = scratch_->Reserve(checkedLength_);
@@ -856,6 +854,7 @@ class StateImportVerifiedFileWorker : public ContextWorker {
   }
 
  private:
+  int fd_;
   std::string path_;
   llama_seq_id seq_;
   uint64_t checkedLength_, chunkBytes_;
@@ -873,6 +872,8 @@ class StateImportVerifiedFileWorker : public ContextWorker {
 //                         payloadOffset, payloadLength, readAhead: boolean, tokens?: number)
 //   -> Promise<{chunks, bouncedChunks}>
 // `tokens`: the count the entry's header lists; the sequence must then hold exactly [0, tokens).
+// `fd` (info[10]): the open entry file, read with pread and left open; `path` only names it in
+// messages.
 // `digests`: the little-endian digest of each chunk of [0, checkedLength), as ChunkDigests() with
 // `scheme` ('xxh64' | 'crc32c').
 Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info) {
@@ -880,8 +881,12 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   RequireIdle(env);
   if (!info[0].IsString() || !info[2].IsNumber() || !info[3].IsNumber() || !info[4].IsTypedArray() ||
       info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || !info[6].IsNumber() || !info[7].IsNumber() ||
-      !info[8].IsBoolean()) {
-    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength, readAhead)");
+      !info[8].IsBoolean() || !info[10].IsNumber()) {
+    throw Napi::TypeError::New(env, "importVerifiedStateFile(path, seq, checkedLength, chunkBytes, digests, scheme, payloadOffset, payloadLength, readAhead, tokens, fd)");
+  }
+  const double fd = info[10].As<Napi::Number>().DoubleValue();
+  if (!(fd >= 0 && fd <= 2147483647.0 && fd == static_cast<double>(static_cast<int>(fd)))) {
+    throw Napi::RangeError::New(env, "importVerifiedStateFile: fd must be an open file descriptor");
   }
   const DigestScheme scheme = DigestSchemeArg(env, info[5], "importVerifiedStateFile");
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
@@ -904,7 +909,7 @@ Napi::Value LlamaContext::ImportVerifiedStateFile(const Napi::CallbackInfo& info
   // long instead of being woken after it (StateReadGate).
   importReader_.Prewake(std::chrono::microseconds(2000));
   BeginOperation(env);
-  return (new StateImportVerifiedFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
+  return (new StateImportVerifiedFileWorker(env, this, static_cast<int>(fd), info[0].As<Napi::String>(), seq, static_cast<uint64_t>(checked),
                                             static_cast<uint64_t>(chunkBytes), std::move(expected), scheme,
                                             static_cast<uint64_t>(offset), static_cast<uint64_t>(length),
                                             info[8].As<Napi::Boolean>().Value(), &importScratch_, &importReader_))

@@ -13,7 +13,7 @@ import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import type { Context } from '../llama/context.js';
 import { requireInteger, toInt32Array } from '../util/validate.js';
 import { userCacheDir } from '../util/paths.js';
-import { decodeEntry, encodeEntry, entryKey, readVerifiedEntry, verifiedRanges, type EntryFile, type EntryHeader } from './entry.js';
+import { ENTRY_EXTENSION, decodeEntry, encodeEntry, entryKey, openEntryFile, readVerifiedEntryFrom, verifiedRanges, type EntryFile, type EntryHeader } from './entry.js';
 import { contextIdentity, mismatchReason, type EntryIdentity } from './identity.js';
 import { DirectoryStore, type CacheStore } from './store.js';
 
@@ -59,7 +59,7 @@ export interface RestoreResult {
 }
 
 export interface CacheProblem {
-  code: Extract<KvstashErrorCode, 'E_CACHE_CORRUPT' | 'E_CACHE_MISMATCH' | 'E_STATE_LOAD' | 'E_STATE_SAVE'> | string;
+  code: Extract<KvstashErrorCode, 'E_CACHE_CORRUPT' | 'E_CACHE_MISMATCH' | 'E_CACHE_NOT_FILE' | 'E_STATE_LOAD' | 'E_STATE_SAVE'> | string;
   message: string;
   key?: string;
   path?: string;
@@ -95,7 +95,21 @@ interface Candidate {
   key?: string;
   sourceSequence?: number;
   ram?: RamItem;
-  file?: { path: string; entry: EntryFile };
+  file?: { name: string; path: string; entry: EntryFile };
+}
+
+/** A disk candidate whose file another process removed or replaced since the scan: a miss. */
+class EntryGone extends Error {}
+
+/** A problem found by verify(). */
+export interface VerifyProblem {
+  path: string;
+  /** E_CACHE_CORRUPT (removed with `remove: true`) or E_CACHE_NOT_FILE (never removed). */
+  code: KvstashErrorCode;
+  reason: string;
+  message: string;
+  /** Whether verify({remove: true}) removed it. */
+  removed: boolean;
 }
 
 const TIER_ORDER: Record<CacheTier, number> = { resident: 0, ram: 1, disk: 2, store: 3 };
@@ -254,11 +268,13 @@ export class PromptCache extends EventEmitter {
    */
   async find(labelOrKey: string): Promise<CacheEntryInfo[]> {
     const entries = await this.list();
+    // Labels match exactly (case too); keys are hex, and match in either case.
     const labelled = entries.filter((e) => e.label === labelOrKey);
     if (labelled.length > 0) return labelled;
-    const exact = entries.filter((e) => e.key === labelOrKey);
-    if (exact.length > 0 || !/^[0-9a-f]{4,}$/.test(labelOrKey)) return exact;
-    return entries.filter((e) => e.key.startsWith(labelOrKey));
+    const key = labelOrKey.toLowerCase();
+    const exact = entries.filter((e) => e.key === key);
+    if (exact.length > 0 || !/^[0-9a-f]{4,}$/.test(key)) return exact;
+    return entries.filter((e) => e.key.startsWith(key));
   }
 
   /** The newest entry with this label, or the entry with this key (or unique key start). */
@@ -268,17 +284,23 @@ export class PromptCache extends EventEmitter {
   }
 
   /** Deletes every entry with this label, or the entry with this key (or unique key start), from
-   * every tier; resolves with how many were deleted. */
+   * every tier; resolves with how many were deleted (from at least one tier: one that another
+   * process removed meanwhile is not counted). */
   async delete(labelOrKey: string): Promise<number> {
     await this.flush();
     const found = await this.find(labelOrKey);
     const doomed = found.length === 1 || found[0]?.label === labelOrKey ? found : [];
+    let deleted = 0;
     for (const entry of doomed) {
-      this.ram.delete(entry.key);
-      await this.disk?.delete(entry.key);
-      await this.store?.delete(entry.key);
+      let removed = this.ram.delete(entry.key);
+      if (this.disk && (await this.disk.unlink(`${entry.key}${ENTRY_EXTENSION}`))) removed = true;
+      if (this.store) {
+        await this.store.delete(entry.key);
+        removed ||= entry.tiers.includes('store');
+      }
+      if (removed) deleted++;
     }
-    return doomed.length;
+    return deleted;
   }
 
   async clear(): Promise<void> {
@@ -290,21 +312,34 @@ export class PromptCache extends EventEmitter {
     this.ram.clear();
   }
 
-  /** Reads every byte of every disk entry and checks it; corrupt entries are reported (and removed
-   * with `remove: true`). */
-  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: Array<{ path: string; reason: string; message: string }> }> {
+  /**
+   * Reads every byte of every disk entry and checks it; problems are reported: corrupt entries
+   * (removed with `remove: true`, and only the very file found corrupt) and paths that are not
+   * regular files (E_CACHE_NOT_FILE, never removed). An entry that another process removes while
+   * this runs is not a problem.
+   */
+  async verify(options: { remove?: boolean } = {}): Promise<{ ok: number; corrupt: VerifyProblem[] }> {
     await this.flush();
-    const corrupt: Array<{ path: string; reason: string; message: string }> = [];
+    const corrupt: VerifyProblem[] = [];
     let ok = 0;
     if (!this.disk) return { ok, corrupt };
     for (const { name } of await this.disk.scan()) {
       const file = path.join(this.disk.dir, name);
+      let opened;
       try {
-        await readVerifiedEntry(file);
+        opened = await openEntryFile(file);
+        if (!opened) continue;
+        const { entry } = await readVerifiedEntryFrom(opened);
+        const misnamed = this.disk.namingProblem(name, entry);
+        if (misnamed) throw misnamed;
         ok++;
       } catch (err) {
-        corrupt.push({ path: file, reason: (err as KvstashError).reason ?? (err as Error).message, message: (err as Error).message });
-        if (options.remove) await this.disk.delete(name.slice(0, -'.kvstash'.length));
+        const code = err instanceof KvstashError ? err.code : 'E_CACHE_CORRUPT';
+        // Only what was read and proven corrupt, identified by the descriptor it was read from.
+        const removed = options.remove === true && code === 'E_CACHE_CORRUPT' && opened !== undefined && (await this.disk.removeIfSame(name, opened));
+        corrupt.push({ path: file, code, reason: (err as KvstashError).reason ?? (err as Error).message, message: (err as Error).message, removed });
+      } finally {
+        await opened?.handle.close();
       }
     }
     return { ok, corrupt };
@@ -376,7 +411,7 @@ export class PromptCache extends EventEmitter {
           }
           continue;
         }
-        out.push({ tier: 'disk', key: entry.key, length, entryTokens: entry.header.tokenCount, file: { path: path.join(this.disk.dir, name), entry } });
+        out.push({ tier: 'disk', key: entry.key, length, entryTokens: entry.header.tokenCount, file: { name, path: path.join(this.disk.dir, name), entry } });
       }
     }
     if (this.store && out.every((c) => c.length < limit)) {
@@ -411,9 +446,22 @@ export class PromptCache extends EventEmitter {
         break;
       }
       case 'disk': {
-        const { path: file, entry } = candidate.file!;
-        await context.exclusive(() => memory.remove(sequence));
-        await context.importVerifiedFile(file, verifiedRanges(entry), { sequence, tokens: entry.header.tokenCount });
+        const { name, path: file, entry } = candidate.file!;
+        // Header and payload come from this one descriptor: a file renamed over the path or removed
+        // by another process after the scan is a miss, never checked against the old digests.
+        const opened = await this.disk!.openEntry(name, entry);
+        if (!opened) throw new EntryGone();
+        try {
+          await context.exclusive(() => memory.remove(sequence));
+          await context.importVerifiedFile(opened, verifiedRanges(entry), { sequence, tokens: entry.header.tokenCount });
+        } catch (err) {
+          // A corrupt entry file can never become valid: remove it so nobody pays for it again,
+          // unless another process has put a new file in its place since.
+          if (err instanceof KvstashError && err.code === 'E_CACHE_CORRUPT') await this.disk!.removeIfSame(name, opened);
+          throw err;
+        } finally {
+          await opened.handle.close();
+        }
         void this.disk!.touch(entry.key);
         // Promoted to RAM in the background, so the next restore of this prefix skips the disk. Not
         // inside the restore: llama.cpp imports straight from the mapped file, and a copy of the
@@ -445,8 +493,14 @@ export class PromptCache extends EventEmitter {
   /** Reads a disk entry into the RAM tier (verified again: its bytes come from the file anew). */
   private async promote(file: string, key: string): Promise<void> {
     try {
-      const { entry, payload } = await readVerifiedEntry(file);
-      if (entry.key === key && !this.ram.has(key)) this.putRam(key, entry.header, payload);
+      const opened = await openEntryFile(file);
+      if (!opened) return; // evicted by another process meanwhile
+      try {
+        const { entry, payload } = await readVerifiedEntryFrom(opened);
+        if (entry.key === key && !this.ram.has(key)) this.putRam(key, entry.header, payload);
+      } finally {
+        await opened.handle.close();
+      }
     } catch (err) {
       this.problem({ code: (err as KvstashError).code ?? 'E_CACHE_CORRUPT', message: `could not promote cache entry ${key} to RAM: ${(err as Error).message}`, key });
     }
@@ -484,9 +538,11 @@ export class PromptCache extends EventEmitter {
     let total = files.reduce((sum, f) => sum + f.size, 0);
     for (const file of files) {
       if (total <= this.maxDiskBytes) break;
-      const key = file.name.slice(0, -'.kvstash'.length);
-      if (key === keep) continue;
-      await this.disk!.delete(key);
+      const key = file.name.slice(0, -ENTRY_EXTENSION.length);
+      // Not a file (a directory, a FIFO): not the cache's to delete; a file another process
+      // removed first: evicted all the same.
+      if (key === keep || isNotFile(file.entry)) continue;
+      await this.disk!.unlink(file.name);
       total -= file.size;
       this.emit('evict', { tier: 'disk', key });
     }
@@ -519,10 +575,9 @@ export class PromptCache extends EventEmitter {
   }
 
   private reportFailure(err: unknown, candidate: Candidate): void {
+    if (err instanceof EntryGone) return;
     const code = err instanceof KvstashError ? err.code : 'E_STATE_LOAD';
     this.problem({ code, message: (err as Error).message, ...(candidate.key ? { key: candidate.key } : {}), ...(candidate.file ? { path: candidate.file.path } : {}) });
-    // A corrupt entry file can never become valid: remove it so nobody pays for it again.
-    if (code === 'E_CACHE_CORRUPT' && candidate.tier === 'disk' && candidate.key) void this.disk?.delete(candidate.key);
   }
 
   private reportOnce(id: string, problem: CacheProblem): void {
@@ -537,6 +592,10 @@ export class PromptCache extends EventEmitter {
     else this.counters.problems.other++;
     this.emit('problem', problem);
   }
+}
+
+function isNotFile(entry: EntryFile | Error): boolean {
+  return entry instanceof KvstashError && entry.code === 'E_CACHE_NOT_FILE';
 }
 
 /** Length of the common prefix of two token lists. */

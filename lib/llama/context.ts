@@ -3,6 +3,8 @@ import fsp from 'node:fs/promises';
 import type { DigestScheme, NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { replaceFileAtomic } from '../util/atomic-file.js';
+import type { OpenedFile } from '../util/regular-file.js';
+import { openEntryFile } from '../cache/entry.js';
 import { describe, INT32_MAX, INT32_MIN, requireInteger, requireString, toInt32Array } from '../util/validate.js';
 import type { Model } from './model.js';
 import { OperationQueue, abortError } from './queue.js';
@@ -221,7 +223,8 @@ export class Context {
   }
 
   /**
-   * @internal For lib/cache: reads bytes [0, checkedLength) of `file`, verifies each chunk of
+   * @internal For lib/cache: reads bytes [0, checkedLength) of `file` (an entry file opened with
+   * openEntryFile, whose header gave `ranges`, or the path of one), verifies each chunk of
    * `chunkBytes` against its digest in `chunkDigests` (the entry format's digest table), and imports
    * [payloadOffset, payloadOffset + payloadBytes) as state. llama.cpp reads no byte before it is
    * verified, and the import fails (the sequence emptied) when any chunk does. Resolves with how
@@ -231,16 +234,19 @@ export class Context {
    * contradicts it is E_CACHE_CORRUPT.
    */
   importVerifiedFile(
-    file: string,
+    file: string | OpenedFile,
     ranges: VerifiedRanges,
     options: SequenceOptions & { readAhead?: boolean; tokens?: number } = {},
   ): Promise<{ chunks: number; bouncedChunks: number }> {
     const tokens = expectedTokens(options.tokens);
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
+      // The native import reads the descriptor it is given and opens nothing by path.
+      const opened = typeof file === 'string' ? await openEntryFile(file) : file;
+      if (!opened) throw new KvstashError('E_CACHE_CORRUPT', `cache entry ${file as string} is not there any more`);
       try {
         return await this.handle.importVerifiedStateFile(
-          file,
+          opened.path,
           sequence,
           ranges.checkedLength,
           ranges.chunkBytes,
@@ -250,10 +256,13 @@ export class Context {
           ranges.payloadBytes,
           options.readAhead ?? true,
           tokens,
+          opened.handle.fd,
         );
       } catch (err) {
         this.clearAfterFailedLoad(sequence);
         throw err;
+      } finally {
+        if (opened !== file) await opened.handle.close();
       }
     });
   }
