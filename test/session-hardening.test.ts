@@ -239,6 +239,8 @@ function mkfifo(target: string): void {
   if (result.status !== 0) throw new Error(`mkfifo failed: ${result.stderr}`);
 }
 
+/** Named to sort before any checkpoint, so that rotation through a followed link would delete it. */
+const VICTIM_ENTRY = '00000000-victim.kvstash';
 type Kind = 'symlink to a file' | 'symlink to a directory' | 'symlink to a FIFO' | 'FIFO';
 const KINDS: Kind[] = ['symlink to a file', 'symlink to a directory', 'symlink to a FIFO', 'FIFO'];
 
@@ -250,7 +252,7 @@ function plant(where: string, kind: Kind, victims: string): void {
   const victimFifo = path.join(victims, 'fifo');
   if (!fs.existsSync(victimFile)) fs.writeFileSync(victimFile, 'someone else\'s bytes');
   fs.mkdirSync(victimDir, { recursive: true });
-  if (!fs.existsSync(path.join(victimDir, 'entry.kvstash'))) fs.writeFileSync(path.join(victimDir, 'entry.kvstash'), 'an entry of another cache');
+  if (!fs.existsSync(path.join(victimDir, VICTIM_ENTRY))) fs.writeFileSync(path.join(victimDir, VICTIM_ENTRY), 'an entry of another cache');
   if (!fs.existsSync(victimFifo)) mkfifo(victimFifo);
   fs.mkdirSync(path.dirname(where), { recursive: true });
   if (kind === 'symlink to a file') fs.symlinkSync(victimFile, where);
@@ -261,7 +263,7 @@ function plant(where: string, kind: Kind, victims: string): void {
 
 function victimsIntact(t: Test, victims: string): void {
   t.equal(fs.readFileSync(path.join(victims, 'precious.kvstash'), 'utf8'), 'someone else\'s bytes', 'the linked file is unchanged');
-  t.same(fs.readdirSync(path.join(victims, 'cache')), ['entry.kvstash'], 'the linked directory keeps its entries');
+  t.same(fs.readdirSync(path.join(victims, 'cache')), [VICTIM_ENTRY], 'the linked directory keeps its entries');
   t.ok(fs.lstatSync(path.join(victims, 'fifo')).isFIFO());
 }
 
