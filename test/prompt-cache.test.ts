@@ -150,11 +150,15 @@ t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', asy
 
   const variants: Array<[string, Buffer]> = [['zero-length file', Buffer.alloc(0)]];
   const headerEnd = 16 + good.readUInt32LE(12);
+  const { payloadOffset, checkedLength } = await readEntryFile(entry.path ?? path.join(source.dir!, `${entry.key}.kvstash`));
+  const payloadFlips = new Set<string>();
   for (const offset of [0, 5, 8, 12, 20, Math.floor(headerEnd / 2), headerEnd - 2, headerEnd + 70, good.length >> 1, good.length - 20, good.length - 12, good.length - 1]) {
     const flipped = Buffer.from(good);
     flipped[offset] ^= 0x40;
     variants.push([`byte ${offset} flipped`, flipped]);
+    if (offset >= payloadOffset && offset < checkedLength) payloadFlips.add(`byte ${offset} flipped`);
   }
+  t.equal(payloadFlips.size, 2, 'two of the flipped bytes are payload bytes');
   for (const length of [4, 15, 16, 100, headerEnd, headerEnd + 1, good.length >> 1, good.length - 16, good.length - 1]) {
     variants.push([`truncated to ${length} bytes`, good.subarray(0, length)]);
   }
@@ -180,8 +184,19 @@ t.test('corrupt entries are rejected with E_CACHE_CORRUPT and never loaded', asy
     t.equal(result.cachedTokens, 0, `${name}: nothing was restored`);
     t.same(Array.from(result.tokens), Array.from(expected), `${name}: output as without a cache`);
     t.same(problems.map((p) => p.code), ['E_CACHE_CORRUPT'], `${name}: reported once as E_CACHE_CORRUPT`);
-    const verified = await new PromptCache({ dir }).verify();
-    t.equal(verified.ok + verified.corrupt.length <= 1, true);
+    // A payload byte fails its chunk's digest during the restore, and the entry is then deleted.
+    // Anything else (magic, version, header, length, digest table, trailer) is found when the
+    // directory is listed: the entry is reported and kept until verify({ remove: true }).
+    const file = path.join(dir, `${entry.key}.kvstash`);
+    if (payloadFlips.has(name)) {
+      for (let waited = 0; fs.existsSync(file) && waited < 5000; waited += 10) await new Promise((resolve) => setTimeout(resolve, 10));
+      t.notOk(fs.existsSync(file), `${name}: the entry was then deleted`);
+      t.same(await new PromptCache({ dir }).verify(), { ok: 0, corrupt: [] }, `${name}: nothing is left to verify`);
+    } else {
+      const verified = await new PromptCache({ dir }).verify();
+      t.equal(verified.ok, 0, `${name}: verify does not judge it healthy`);
+      t.same(verified.corrupt.map((c) => c.path), [file], `${name}: verify flags the kept entry as corrupt`);
+    }
   }
   await context.dispose();
 });
@@ -321,6 +336,60 @@ t.test('every chunk of an entry is verified before it loads; entries of formats 
   await context.dispose();
 });
 
+t.test('a chunk that fails its digest never reaches the KV cache (it is not copied and then cleared)', async (t) => {
+  // Without flash attention llama.cpp multiplies every cell of the KV window, a masked (free) one
+  // by a weight of 0; a NaN left in a free cell makes 0 * NaN and turns the logits NaN. So bytes
+  // that reached the KV cache and were only cleared afterwards show in the next decode, and bytes
+  // that never reached it do not. The failed chunk here is all 0xff: NaN as f16 and as f32.
+  const noFlash = { contextSize: 1024, flashAttention: false } as const;
+  const context = await model.createContext(noFlash);
+  const source = cacheIn(t);
+  const warmed = await source.warm(context, prefix);
+  await source.flush();
+  const { entry, payload } = await readVerifiedEntry(warmed.path ?? path.join(source.dir!, `${warmed.key}.kvstash`));
+  const file = path.join(t.testdir(), 'poisoned.kvstash');
+  await writeEntry(file, entry.header, payload, { chunkBytes: 4096 });
+  const good = await readEntryFile(file);
+  const poisonedChunk = Math.floor((good.checkedLength - 1) / 4096) - 1;
+  const bytes = fs.readFileSync(file);
+  bytes.fill(0xff, poisonedChunk * 4096, (poisonedChunk + 1) * 4096);
+  fs.writeFileSync(file, bytes);
+  const probe = prefix.subarray(0, 20);
+
+  const logitsAfter = async (target: Context, importPoison: () => Promise<unknown>) => {
+    await target.exclusive(() => target.memory.clear());
+    await importPoison().catch((err: unknown) => err);
+    t.same(await target.exclusive(() => target.memory.range(0)), { min: -1, max: -1 }, 'the sequence is empty after the import');
+    await target.decode(probe, { start: 0 });
+    return target.logits();
+  };
+  const fresh = await model.createContext(noFlash);
+  await fresh.decode(probe, { start: 0 });
+  const clean = fresh.logits();
+  await fresh.dispose();
+  t.notOk(clean.some(Number.isNaN), 'a fresh context decodes the probe to finite logits');
+
+  for (const readAhead of [false, true]) {
+    let rejection: unknown;
+    const logits = await logitsAfter(context, () =>
+      context.importVerifiedFile(file, verifiedRanges(good), { sequence: 0, readAhead }).catch((err: unknown) => {
+        rejection = err;
+      }),
+    );
+    t.match(rejection, { code: 'E_CACHE_CORRUPT', message: /failed its checksum/ }, `readAhead ${readAhead}: the import is refused`);
+    t.ok(bitIdentical(logits, clean), `readAhead ${readAhead}: no byte of the failed chunk reached the KV cache (max difference ${maxAbsDiff(logits, clean)})`);
+  }
+  // The control: the same bytes imported unverified and then cleared do show. This is what a gate
+  // that copied a chunk before checking it (and cleared the sequence after) would leave.
+  const poisonedPayload = bytes.subarray(good.payloadOffset, good.payloadOffset + payload.length);
+  const copied = await logitsAfter(context, async () => {
+    await context.importState(poisonedPayload, { sequence: 0 });
+    await context.exclusive(() => context.memory.remove(0));
+  });
+  t.ok(copied.some(Number.isNaN), 'copied, then cleared: the next decode sees the NaN');
+  await context.dispose();
+});
+
 t.test('a cache sees entries another process adds or removes after its directory listing settled', async (t) => {
   const dir = t.testdir();
   const reader = new PromptCache({ dir, maxRamBytes: 0 });
@@ -364,13 +433,29 @@ t.test('a writer killed with SIGKILL mid-write leaves no entry that loads wrong'
     })();
   `;
   const { spawn } = await import('node:child_process');
-  for (let trial = 0; trial < 6; trial++) {
-    const child = spawn(process.execPath, [...process.execArgv, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-    await new Promise<void>((resolve) => child.stdout.once('data', () => resolve()));
-    await new Promise((resolve) => setTimeout(resolve, 20 + trial * 37));
+  // The writer pauses halfway through each of its writes (atomic-file.ts's test-only hook), and
+  // the kill is sent once its temporary file is there: so every kill lands inside a write, and
+  // the proof is the half-written temporary file each killed writer leaves behind.
+  const TRIALS = 4;
+  let landed = 0;
+  for (let trial = 0; trial < TRIALS; trial++) {
+    const child = spawn(process.execPath, [...process.execArgv, '-e', script], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, KVSTASH_TEST_WRITE_PAUSE_MS: '400' },
+    });
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.once('data', () => resolve());
+      void exited.then(() => reject(new Error('the writer ended before it was ready')));
+    });
+    const mine = (name: string) => name.includes(`.tmp-${child.pid}-`);
+    for (let waited = 0; !fs.readdirSync(dir).some(mine) && waited < 20_000; waited += 5) await new Promise((resolve) => setTimeout(resolve, 5));
     child.kill('SIGKILL');
-    await new Promise((resolve) => child.once('exit', resolve));
+    await exited;
+    const left = fs.readdirSync(dir).filter(mine);
+    if (left.length === 1) landed++;
   }
+  t.equal(landed, TRIALS, `${landed} of ${TRIALS} kills landed inside a write (each left its temporary file)`);
   const verified = await new PromptCache({ dir }).verify();
   t.ok(verified.ok > 0, `${verified.ok} complete entries survived`);
   t.same(verified.corrupt, [], 'no visible entry is torn');
