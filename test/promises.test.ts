@@ -1,11 +1,16 @@
+// Promises of the README that no other test held.
+//
 // "Nothing aborts the process": bad positions to the KV cache edits, bad batch/ubatch/thread counts,
 // bad tokens to a sampler and to tokenBytes each get a coded error (KvstashError) or a RangeError/
 // TypeError naming the argument, and the context is left exactly as it was. llama.cpp asserts on
 // several of these (a GGML_ASSERT ends the process), so reaching the end of this file is part of
 // the assertion too.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
 import t, { type Test } from 'tap';
-import { KvstashError, loadModel, type Context, type Model } from '../lib/index.js';
-import { bitIdentical, promptTokens, tinyModel } from './helpers/fixtures.js';
+import { generate, KvstashError, loadModel, Session, type Context, type Model } from '../lib/index.js';
+import { bitIdentical, prose, promptTokens, tinyModel } from './helpers/fixtures.js';
 
 let model: Model;
 let context: Context;
@@ -131,6 +136,131 @@ t.test('bad tokens to sampler.accept and tokenBytes', async (t) => {
   t.equal(sampler.sample(context), before, 'the sampler was not changed by the refused tokens');
   t.ok(model.tokenBytes(vocab - 1).length >= 0, 'the last token of the vocabulary has bytes');
   sampler.dispose();
+});
+
+t.test('everySeconds: a turn that completes that long after the last checkpoint writes one', async (t) => {
+  // The session reads the clock through Date.now(): moving it forward stands for the time passing.
+  const realNow = Date.now;
+  let offset = 0;
+  Date.now = () => realNow() + offset;
+  t.teardown(() => {
+    Date.now = realNow;
+  });
+  const dir = t.testdir();
+  const own = await model.createContext({ contextSize: 1024 });
+  const session = await Session.open({ dir, id: 'clock', context: own, system: 'Be brief.', checkpoint: { everyTurns: 0, everySeconds: 60 } });
+  const checkpoints = () => session.stats().checkpoints;
+  await session.send('one', { maxTokens: 2 }).result;
+  t.equal(checkpoints(), 0, 'a turn within the minute: none');
+  offset += 61_000;
+  await session.send('two', { maxTokens: 2 }).result;
+  t.equal(checkpoints(), 1, 'a turn 61 s after the open: one');
+  await session.send('three', { maxTokens: 2 }).result;
+  t.equal(checkpoints(), 1, 'the next turn, within the minute of that checkpoint: none');
+  offset += 61_000;
+  await session.send('four', { maxTokens: 2 }).result;
+  t.equal(checkpoints(), 2, 'another 61 s later: a second one');
+  t.equal(fs.readdirSync(path.join(dir, 'clock', 'checkpoints')).length, 2, 'both are on disk');
+  await session.close();
+  await own.dispose();
+});
+
+/** A child that opens a session with onExit checkpoints, completes one turn, then either idles (to
+ * be signalled) or lets its event loop run dry (beforeExit). */
+function exitChild(dir: string, modelPath: string, idle: boolean) {
+  const script = `
+    const { loadModel, Session } = require(${JSON.stringify(path.resolve(__dirname, '../lib/index.ts'))});
+    (async () => {
+      const model = await loadModel(${JSON.stringify(modelPath)});
+      const context = await model.createContext({ contextSize: 1024 });
+      const session = await Session.open({ dir: ${JSON.stringify(dir)}, id: 'exit', context, system: 'hi', checkpoint: { everyTurns: 0, everySeconds: 0, onExit: true } });
+      await session.send('hello', { maxTokens: 2 }).result;
+      process.stdout.write('ready\\n');
+      ${idle ? 'setInterval(() => {}, 1000);' : ''}
+    })();
+  `;
+  const child = spawn(process.execPath, [...process.execArgv, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const exited = new Promise<[number | null, string | null]>((resolve) => child.once('exit', (code, signal) => resolve([code, signal])));
+  const ready = new Promise<void>((resolve, reject) => {
+    child.stdout.on('data', (d: Buffer) => d.toString().includes('ready') && resolve());
+    void exited.then(([code, signal]) => reject(new Error(`the child ended before it was ready (${code ?? signal})`)));
+  });
+  return { child, ready, exited };
+}
+
+t.test('onExit: SIGINT checkpoints, then the process ends by SIGINT', async (t) => {
+  const dir = t.testdir();
+  const { child, ready, exited } = exitChild(dir, await tinyModel(), true);
+  await ready;
+  t.notOk(fs.existsSync(path.join(dir, 'exit', 'checkpoints')), 'no checkpoint before the signal');
+  child.kill('SIGINT');
+  const [code, signal] = await exited;
+  t.equal(signal, 'SIGINT', `ended by the signal (code ${code})`);
+  t.equal(fs.readdirSync(path.join(dir, 'exit', 'checkpoints')).length, 1, 'a checkpoint was written first');
+});
+
+t.test('onExit: beforeExit checkpoints, then the process exits normally', async (t) => {
+  const dir = t.testdir();
+  const { ready, exited } = exitChild(dir, await tinyModel(), false);
+  await ready;
+  const [code, signal] = await exited;
+  t.same([code, signal], [0, null], 'exited with code 0');
+  t.equal(fs.readdirSync(path.join(dir, 'exit', 'checkpoints')).length, 1, 'a checkpoint was written as the event loop ran dry');
+});
+
+t.test('overflow summarize without a summarizer: the session\'s model summarises the dropped turn', async (t) => {
+  const dir = t.testdir();
+  const own = await model.createContext({ contextSize: 256 });
+  const session = await Session.open({ dir, id: 'summary', context: own, system: 'Be brief.', checkpoint: { everyTurns: 0, everySeconds: 0 }, overflow: { policy: 'summarize' } });
+  const asked: string[] = [];
+  const replies: string[] = [];
+  for (let turn = 0; session.stats().summaries === 0 && turn < 12; turn++) {
+    asked.push(`Turn ${turn}: ${prose(25, turn)}`);
+    replies.push((await session.send(asked[turn]!, { maxTokens: 12 }).result).text);
+  }
+  t.equal(session.stats().summaries, 1, 'the conversation overflowed into one summary');
+  const summary = session.messages[0]!;
+  t.equal(summary.role, 'system');
+  t.match(summary.content, /^Summary of the earlier conversation:\n/);
+  // What the model itself answers to the summary request for the first turn, in a fresh context.
+  const fresh = await model.createContext({ contextSize: 256 });
+  const expected = await generate(fresh, {
+    messages: [
+      { role: 'system', content: 'Summarise the conversation below in a few sentences, keeping names, facts and open questions.' },
+      { role: 'user', content: `user: ${asked[0]}\nassistant: ${replies[0]}` },
+    ],
+    maxTokens: 32,
+  }).result;
+  await fresh.dispose();
+  t.equal(summary.content, `Summary of the earlier conversation:\n${expected.text.trim()}`, 'the summary is the model\'s own answer to the summary request');
+  await session.close();
+  await own.dispose();
+});
+
+t.test('a long session resumed midway continues exactly as the uninterrupted one', async (t) => {
+  // 10 turns through a 256-token context, interrupted after turn 5 (a checkpoint was written
+  // after turn 4): the resumed half overflows (drop-oldest) three times, as the uninterrupted run
+  // does, so the resume must also carry the overflow state exactly.
+  const questions = Array.from({ length: 10 }, (_, turn) => `Question ${turn}: ${prose(12 + (turn % 4), 50 + turn)}?`);
+  const options = { system: prose(20, 99), checkpoint: { everyTurns: 2, everySeconds: 0 } };
+  const send = { maxTokens: 10 };
+  const run = async (dir: string, stopAfter: number, from = 0): Promise<string[]> => {
+    const own = await model.createContext({ contextSize: 256 });
+    const session = from === 0 ? await Session.open({ dir, id: 'long', context: own, ...options }) : await Session.resume({ dir, id: 'long', context: own, checkpoint: options.checkpoint });
+    if (from > 0) t.equal(session.resumeReport!.path, 'checkpoint', `resumed from a checkpoint (${session.resumeReport!.restoredTokens} tokens)`);
+    const texts: string[] = [];
+    for (let turn = from; turn < stopAfter; turn++) texts.push((await session.send(questions[turn]!, send).result).text);
+    const clears = session.stats().clears;
+    await session.close();
+    await own.dispose();
+    t.comment(`turns ${from}-${stopAfter - 1}: ${clears} overflow clears`);
+    return texts;
+  };
+  const uninterrupted = await run(t.testdir(), 10);
+  const dir = path.join(t.testdir(), 'interrupted');
+  const before = await run(dir, 5);
+  const after = await run(dir, 10, 5);
+  t.same([...before, ...after], uninterrupted, 'every reply equals the uninterrupted run\'s');
 });
 
 t.test('the process is alive and the context still decodes', async (t) => {

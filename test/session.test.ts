@@ -4,8 +4,8 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { loadModel, PromptCache, Session, type Context, type Model, type OverflowPolicy } from '../lib/index.js';
-import { prose, skipUnderEmulation, tinyModel } from './helpers/fixtures.js';
+import { loadModel, PromptCache, readEntryFile, Session, type Context, type Model, type OverflowPolicy } from '../lib/index.js';
+import { bitIdentical, maxAbsDiff, prose, skipUnderEmulation, tinyModel } from './helpers/fixtures.js';
 
 let model: Model;
 const system = prose(150, 5);
@@ -69,15 +69,29 @@ t.test('a corrupt checkpoint falls back to the previous one, then to the prompt 
       await session.close();
       return { reply, report };
     });
+  // The uninterrupted run: the same five questions in one session, never closed.
+  const uninterrupted = await withContext({ contextSize: 2048 }, async (context) => {
+    const session = await Session.open({ dir: path.join(dir, 'reference'), id: 's', context, system, checkpoint: { everyTurns: 0, everySeconds: 0 } });
+    const texts: string[] = [];
+    for (const q of ['first question', 'second question', 'third question', 'fourth question', 'fourth question']) texts.push((await session.send(q, send).result).text);
+    await session.close();
+    return texts;
+  });
+  t.same(replies, uninterrupted.slice(0, 3), 'the first three replies are the uninterrupted run\'s');
   const fromOlder = await next('checkpoint', 1);
   t.ok(fromOlder.report.evaluatedTokens > 0, `caught up ${fromOlder.report.evaluatedTokens} tokens past the older checkpoint`);
+  t.equal(fromOlder.reply.text, uninterrupted[3], 'resumed from the older checkpoint, the reply is the uninterrupted run\'s');
   // No usable checkpoint at all: the system prefix comes from the prompt cache.
   fs.rmSync(path.join(dir, 's', 'checkpoints'), { recursive: true });
   const journal = path.join(dir, 's', 'journal.kvj');
   const transcriptBefore = fs.readFileSync(journal);
   const fromCache = await next('cache', 0);
-  t.equal(fromCache.report.restoredTokens > 100, true, `${fromCache.report.restoredTokens} prefix tokens from the cache`);
-  void transcriptBefore;
+  t.equal(fromCache.report.restoredTokens, model.tokenize(model.applyChatTemplate([{ role: 'system', content: system }], { addAssistant: false }), { special: true }).length, 'the whole system prefix came from the cache');
+  t.equal(fromCache.report.evaluatedTokens > 0, true);
+  t.equal(fromCache.reply.text, uninterrupted[4], 'resumed from the cache, the reply is the uninterrupted run\'s');
+  const transcriptAfter = fs.readFileSync(journal);
+  t.same(transcriptAfter.subarray(0, transcriptBefore.length), transcriptBefore, 'the resume only appended to the transcript');
+  t.ok(transcriptAfter.length > transcriptBefore.length);
 });
 
 t.test('a torn last journal record is dropped, the rest kept', async (t) => {
@@ -146,11 +160,29 @@ for (const policy of ['drop-oldest', 'summarize', 'shift'] as OverflowPolicy[]) 
         t.ok(summaries.length > 0);
         t.match(session.messages[0]!.content, /^Summary of the earlier conversation:\nthey talked about/);
       }
-      // The system prompt is always the start of the sequence.
+      // The system prompt is always the start of the sequence: the session's record of the
+      // sequence (a checkpoint's tokens) starts with it, and so do the cells themselves: the
+      // sequence cut back to the prefix length predicts the next token exactly as the prefix
+      // evaluated alone does.
       const rendered = model.applyChatTemplate([{ role: 'system', content: system }], { addAssistant: false });
       const prefix = model.tokenize(rendered, { special: true });
-      const state = await context.exportState({ sequence: 0 });
-      t.ok(state.length > 0);
+      const written = await session.checkpoint();
+      const checkpointed = await readEntryFile(written.path);
+      t.same(checkpointed.header.tokens.slice(0, prefix.length), Array.from(prefix), 'the sequence\'s tokens start with the system prompt');
+      t.ok(written.tokens > prefix.length);
+      const probe = model.tokenize(' cache', { addSpecial: false });
+      const cut = await withContext({ contextSize: 512 }, async (copy) => {
+        await copy.importState(await context.exportState({ sequence: 0 }), { sequence: 0 });
+        await copy.exclusive(() => copy.memory.remove(0, prefix.length));
+        await copy.decode(probe, { start: prefix.length });
+        return copy.logits();
+      });
+      const alone = await withContext({ contextSize: 512 }, async (fresh) => {
+        await fresh.decode(prefix);
+        await fresh.decode(probe, { start: prefix.length });
+        return fresh.logits();
+      });
+      t.ok(bitIdentical(cut, alone), `the cells up to the prefix length are the system prompt's (max logit difference ${maxAbsDiff(cut, alone)})`);
       const resumed = await withContext({ contextSize: 512 }, async (other) => {
         await session.close();
         const again = await Session.resume({ dir, id: 'long', context: other, overflow: { policy } });
@@ -160,7 +192,6 @@ for (const policy of ['drop-oldest', 'summarize', 'shift'] as OverflowPolicy[]) 
         return messages;
       });
       t.equal(resumed, session.messages.length, 'a resume sees the same (reduced) conversation');
-      t.ok(prefix.length > 100);
     });
   });
 }
@@ -225,7 +256,11 @@ t.test('checkpoint on SIGTERM (opt-in), and the process still ends by the signal
     // process must still end by the signal.
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
-  await new Promise<void>((resolve) => child.stdout.on('data', (d: Buffer) => d.toString().includes('ready') && resolve()));
+  // A child that dies before it is ready fails the test instead of leaving it waiting.
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.on('data', (d: Buffer) => d.toString().includes('ready') && resolve());
+    child.once('exit', (code, signal) => reject(new Error(`the child ended before it was ready (${code ?? signal})`)));
+  });
   t.same(fs.readdirSync(dir + '/term').includes('checkpoints'), false, 'no checkpoint before the signal');
   child.kill('SIGTERM');
   const [code, signal] = await new Promise<[number | null, string | null]>((resolve) => child.on('exit', (c, s) => resolve([c, s])));
