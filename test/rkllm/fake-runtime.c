@@ -20,6 +20,16 @@
  * received and "live" = handles alive. FAKE_RKLLM_FAIL=init,run,... makes those calls fail with
  * status -7 (run_state: the callback reports RKLLM_RUN_ERROR instead; save_prompt_cache: no file
  * is written, as with models that refuse to save one). Env is read at each call.
+ *
+ * Faults of a misbehaving runtime (issue 20), also read at each call:
+ *   FAKE_RKLLM_SPLIT_UTF8=1     generate emits "é☕😀" as 5 tokens whose bytes split every character
+ *   FAKE_RKLLM_NEVER_RETURN=1   rkllm_run never returns after its first token (rkllm_abort ignored)
+ *   FAKE_RKLLM_LATE_CALLBACK=ms after rkllm_run returned, a thread of the fake calls the callback
+ *                               again (text "LATE", then FINISH) with that run's userdata, ms later
+ *   FAKE_RKLLM_CACHE_LATE=ms    the prompt cache file is written ms after rkllm_run returned
+ *   FAKE_RKLLM_NO_FINISH=1      rkllm_run returns 0 without the FINISH callback
+ *   FAKE_RKLLM_AFTER_FINISH=1   one more token ("AFTER") comes after FINISH
+ *   FAKE_RKLLM_FAIL=abort       rkllm_abort fails (status -7) without stopping anything
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -378,6 +388,7 @@ EXPORT int rkllm_load_lora(LLMHandle handle, LoraAdapter* adapter) {
 
 static const char kCacheMagic[8] = {'F', 'A', 'K', 'E', 'R', 'K', 'P', 'C'};
 
+
 EXPORT int rkllm_load_prompt_cache(LLMHandle handle, const char* path) {
   Buf b = log_begin("rkllm_load_prompt_cache", fid(handle));
   bput(&b, ",\"path\":"); bstr(&b, path);
@@ -535,6 +546,57 @@ EXPORT int rkllm_set_cross_attn_params(LLMHandle handle, void* params) {
 
 /* ---- run ---------------------------------------------------------------------------------- */
 
+/* A callback that arrives after its run returned: only the copied function and userdata are used,
+ * never the handle, which may be destroyed by then. */
+typedef struct { ResultCallback cb; void* userdata; long delay_ms; } LateCall;
+
+static void* late_callback_thread(void* arg) {
+  LateCall* late = arg;
+  usleep((useconds_t)(late->delay_ms * 1000));
+  Result r;
+  memset(&r, 0, sizeof r);
+  r.text = "LATE";
+  r.token_id = 999;
+  late->cb(&r, late->userdata, 0);
+  r.text = NULL;
+  r.token_id = -1;
+  late->cb(&r, late->userdata, 2);
+  free(late);
+  return NULL;
+}
+
+typedef struct { char* path; int32_t* tokens; uint32_t n; long delay_ms; } LateCache;
+
+
+static void write_cache_file(const char* path, const int32_t* tokens, uint32_t n, bool* saved) {
+  FILE* file = fopen(path, "wb");
+  if (!file) return;
+  fwrite(kCacheMagic, 1, 8, file);
+  fwrite(&n, 4, 1, file);
+  fwrite(tokens, 4, n, file);
+  bool ok = fclose(file) == 0;
+  if (saved) *saved = ok;
+}
+
+static void* late_cache_thread(void* arg) {
+  LateCache* late = arg;
+  usleep((useconds_t)(late->delay_ms * 1000));
+  write_cache_file(late->path, late->tokens, late->n, NULL);
+  free(late->path);
+  free(late->tokens);
+  free(late);
+  return NULL;
+}
+
+static void start_detached(void* (*body)(void*), void* arg) {
+  pthread_t thread;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_create(&thread, &attr, body, arg);
+  pthread_attr_destroy(&attr);
+}
+
 static const char* const kWords[16] = {"amber", "basil", "cedar", "delta", "ember", "fjord", "gale",  "harbor",
                                        "iris",  "jade",  "kelp",  "lumen", "moss",  "nectar", "onyx", "pearl"};
 enum { kNaturalLength = 24 };
@@ -659,10 +721,25 @@ static int run_impl(LLMHandle handle, Input* input, InferParam* infer, void* use
   float hidden[8], logits[256];
   if (!aborted && failing("run_state")) {
     deliver(f, userdata, &r, 3);
+  } else if (!aborted && infer->mode == 0 && env_long("FAKE_RKLLM_SPLIT_UTF8", 0)) {
+    /* "é☕😀" = C3 A9 | E2 98 95 | F0 9F 98 80, cut so that every character spans two tokens. */
+    static const char* const pieces[5] = {"\xC3", "\xA9\xE2", "\x98", "\x95\xF0\x9F", "\x98\x80"};
+    for (int k = 0; k < 5; ++k) {
+      r.text = pieces[k];
+      r.token_id = 2000 + k;
+      ++generated;
+      tpush(&seq, r.token_id);
+      if (deliver(f, userdata, &r, 0) == 1) { paused = true; break; }
+    }
   } else if (!aborted && infer->mode == 0) {
     uint64_t h = hash_tokens(&seq);
     char text[32];
     for (int k = 0; k < count; ++k) {
+      if (k == 1 && env_long("FAKE_RKLLM_NEVER_RETURN", 0)) {
+        Buf n = log_begin("rkllm_run:stuck", f->id);
+        log_line(&n);
+        for (;;) sleep(1); /* a runtime that hangs: abort is ignored, the call never returns */
+      }
       if (atomic_load(&f->abort_flag)) { aborted = true; break; }
       if (token_us > 0) usleep((useconds_t)token_us);
       h = h * 6364136223846793005ull + 1442695040888963407ull;
@@ -690,20 +767,35 @@ static int run_impl(LLMHandle handle, Input* input, InferParam* infer, void* use
   r.token_id = -1;
   r.hidden = (ResultMatrix){0};
   r.logits = (ResultMatrix){0};
-  if (!aborted && !paused && !failing("run_state")) deliver(f, userdata, &r, 2);
+  if (!aborted && !paused && !failing("run_state") && !env_long("FAKE_RKLLM_NO_FINISH", 0)) {
+    deliver(f, userdata, &r, 2);
+    if (env_long("FAKE_RKLLM_AFTER_FINISH", 0) && infer->mode == 0) {
+      r.text = "AFTER";
+      r.token_id = 998;
+      deliver(f, userdata, &r, 0);
+      r.text = NULL;
+      r.token_id = -1;
+    }
+  }
 
   bool saved = false;
   if (infer->prompt_cache_params && infer->prompt_cache_params->save && !aborted) {
     if (failing("save_prompt_cache")) {
       fprintf(stderr, "W rkllm-fake: this model does not support saving prompt cache\n");
     } else {
-      FILE* file = fopen(infer->prompt_cache_params->path ? infer->prompt_cache_params->path : "./prompt_cache.bin", "wb");
-      if (file) {
-        uint32_t n = (uint32_t)(prompt_len - prompt_start);
-        fwrite(kCacheMagic, 1, 8, file);
-        fwrite(&n, 4, 1, file);
-        fwrite(seq.v + prompt_start, 4, n, file);
-        saved = fclose(file) == 0;
+      const char* path = infer->prompt_cache_params->path ? infer->prompt_cache_params->path : "./prompt_cache.bin";
+      uint32_t n = (uint32_t)(prompt_len - prompt_start);
+      long late_ms = env_long("FAKE_RKLLM_CACHE_LATE", 0);
+      if (late_ms > 0) {
+        LateCache* late = calloc(1, sizeof *late);
+        late->path = strdup(path);
+        late->n = n;
+        late->tokens = malloc((n ? n : 1) * sizeof(int32_t));
+        memcpy(late->tokens, seq.v + prompt_start, n * sizeof(int32_t));
+        late->delay_ms = late_ms;
+        start_detached(late_cache_thread, late);
+      } else {
+        write_cache_file(path, seq.v + prompt_start, n, &saved);
       }
     }
   }
@@ -723,6 +815,14 @@ static int run_impl(LLMHandle handle, Input* input, InferParam* infer, void* use
   log_line(&e);
   atomic_store(&f->abort_flag, 0);
   atomic_store(&f->running, 0);
+  long late_ms = env_long("FAKE_RKLLM_LATE_CALLBACK", 0);
+  if (late_ms > 0) {
+    LateCall* late = calloc(1, sizeof *late);
+    late->cb = f->cb;
+    late->userdata = userdata ? userdata : f->cb_userdata;
+    late->delay_ms = late_ms;
+    start_detached(late_callback_thread, late);
+  }
   return 0;
 }
 
