@@ -187,11 +187,11 @@ function validateHyperParameters(meta: Meta, arch: string, fail: Problem): void 
     // where every layer is attention.
     if (h > 0 && hkv === 0 && EVERY_LAYER_ATTENDS.has(arch)) fail(headKvKey, `is 0 for layer ${il}, which has ${h} query heads`);
     if (hkv > 0 && h % hkv !== 0) fail(headKvKey, `is ${hkv} for layer ${il}, which does not divide its ${h} query heads`);
-    // These architectures shape every layer's attention tensors from layer 0's head counts, and
-    // their graphs then reshape each layer by its own counts: a mismatch is an assert in ggml.
-    if (EVERY_LAYER_ATTENDS.has(arch)) {
-      if (h !== nHead) fail(headKey, `is ${h} for layer ${il} but ${nHead} for layer 0; ${arch} needs the same on every layer`);
-      if (hkv !== headsKv![0]) fail(headKvKey, `is ${hkv} for layer ${il} but ${headsKv![0]} for layer 0; ${arch} needs the same on every layer`);
+    // These architectures shape every layer's K/V tensors from layer 0's K/V head count, while
+    // the KV cache sizes each layer by its own: a difference is an assert in ggml at the first
+    // decode. (Their graphs take the query head count of layer 0 for every layer.)
+    if (EVERY_LAYER_ATTENDS.has(arch) && hkv !== headsKv![0]) {
+      fail(headKvKey, `is ${hkv} for layer ${il} but ${headsKv![0]} for layer 0; ${arch} needs the same on every layer`);
     }
   }
 
