@@ -5,11 +5,12 @@
 // TypeError naming the argument, and the context is left exactly as it was. llama.cpp asserts on
 // several of these (a GGML_ASSERT ends the process), so reaching the end of this file is part of
 // the assertion too.
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { generate, KvstashError, loadModel, Session, type Context, type Model } from '../lib/index.js';
+import { PACKAGE_ROOT } from '../lib/binding.js';
+import { generate, KvstashError, loadModel, Session, systemInfo, type Context, type Model } from '../lib/index.js';
 import { bitIdentical, prose, promptTokens, tinyModel } from './helpers/fixtures.js';
 
 let model: Model;
@@ -261,6 +262,51 @@ t.test('a long session resumed midway continues exactly as the uninterrupted one
   const before = await run(dir, 5);
   const after = await run(dir, 10, 5);
   t.same([...before, ...after], uninterrupted, 'every reply equals the uninterrupted run\'s');
+});
+
+const VARIANTS: Record<string, string[]> = {
+  x64: ['x86-64-v4+vnni', 'x86-64-v4', 'x86-64-v3', 'x86-64-v2'],
+  arm64: ['armv8.2-a+dotprod+fp16', 'armv8-a'],
+};
+const hasCompiler = spawnSync('cc', ['--version']).status === 0;
+
+t.test('systemInfo().cpuVariant: "source" for a source build; in a prebuild, the variant KVSTASH_CPU_VARIANT forced', {
+  skip: !VARIANTS[process.arch] ? `no CPU variants for ${process.arch}` : !hasCompiler ? 'needs a C compiler (cc) to build the loader' : false,
+}, async (t) => {
+  t.equal(systemInfo().cpuVariant, 'source', 'this (source) build says so');
+  // A prebuild's layout, made here: the loader (scripts/cpu-variant-loader.c, compiled as
+  // scripts/prebuild-variants.js does) as build/Release/kvstash.node, and this source build standing
+  // in for every variant it may pick, kvstash-<variant>.so next to it.
+  const root = t.testdir();
+  const release = path.join(root, 'build', 'Release');
+  fs.mkdirSync(release, { recursive: true });
+  fs.cpSync(path.join(PACKAGE_ROOT, 'lib'), path.join(root, 'lib'), { recursive: true });
+  fs.copyFileSync(path.join(PACKAGE_ROOT, 'package.json'), path.join(root, 'package.json'));
+  fs.symlinkSync(path.join(PACKAGE_ROOT, 'node_modules'), path.join(root, 'node_modules'));
+  execFileSync('cc', [
+    '-std=c11', '-O2', '-fPIC', '-shared',
+    '-I', path.join(path.dirname(require.resolve('node-api-headers/package.json')), 'include'),
+    path.join(PACKAGE_ROOT, 'scripts', 'cpu-variant-loader.c'),
+    '-o', path.join(release, 'kvstash.node'), '-ldl', '-lpthread',
+  ]);
+  const variants = VARIANTS[process.arch]!;
+  const standIn = variants[variants.length - 1]!;
+  fs.symlinkSync(path.join(PACKAGE_ROOT, 'build', 'Release', 'kvstash.node'), path.join(release, `kvstash-${standIn}.so`));
+  const load = (env: Record<string, string>) => {
+    const script = `
+      const { systemInfo } = require(${JSON.stringify(path.join(root, 'lib', 'index.ts'))});
+      try { process.stdout.write(JSON.stringify({ variant: systemInfo().cpuVariant })); }
+      catch (err) { process.stdout.write(JSON.stringify({ code: err.code, message: err.message })); }
+    `;
+    const child = spawnSync(process.execPath, [...process.execArgv, '-e', script], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, ...env } });
+    t.equal(child.status, 0, `the child ran (stderr: ${child.stderr.slice(-300)})`);
+    return JSON.parse(child.stdout) as { variant?: string; code?: string; message?: string };
+  };
+  t.same(load({ KVSTASH_CPU_VARIANT: standIn }), { variant: standIn }, `KVSTASH_CPU_VARIANT=${standIn} loads that build and says so`);
+  const missing = variants[0]!;
+  const refused = load({ KVSTASH_CPU_VARIANT: missing });
+  t.equal(refused.code, 'E_NATIVE_UNAVAILABLE', `a forced variant that is not there (${missing}) is E_NATIVE_UNAVAILABLE`);
+  t.match(refused.message, new RegExp(`cannot load the ${missing.replace(/[+]/g, '\\+')} build`), 'and says which build it could not load');
 });
 
 t.test('the process is alive and the context still decodes', async (t) => {
