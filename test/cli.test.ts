@@ -143,7 +143,7 @@ t.test('verify finds a flipped byte, names the entry, and --remove deletes it', 
   const removed = await runCli(['verify', '--remove', ...inDir, '--json']);
   t.equal(removed.code, 1, 'the run that found corruption still exits 1');
   const report = JSON.parse(removed.stdout) as VerifyReport;
-  t.same(report.corrupt, [{ path: entry.path, label: 'support', reason: 'its checksum does not match its bytes', removed: true }]);
+  t.same(report.corrupt, [{ path: entry.path, label: 'support', code: 'E_CACHE_CORRUPT', reason: 'its checksum does not match its bytes', removed: true }]);
   t.equal(report.ok, 1);
   t.notOk(fs.existsSync(entry.path!), 'the corrupt entry is gone');
   t.equal((await runCli(['verify', ...inDir])).code, 0);
