@@ -211,3 +211,37 @@ t.test('random field mutations (seeded): coded error or an exact import, never a
   const result = await generate(context, { prompt, maxTokens: 8 }).result;
   t.same(Array.from(result.tokens), reference, 'generation afterwards equals a full prefill');
 });
+
+t.test('loadState: a llama.cpp state file that lies is E_STATE_LOAD before llama.cpp sizes anything by it', async (t) => {
+  await context.exclusive(() => context.memory.clear());
+  await context.decode(prompt.subarray(0, PREFIX), { start: 0, logits: 'none' });
+  const dir = t.testdir({});
+  const file = path.join(dir, 'seq.bin');
+  await context.saveState(file, { sequence: 0, tokens: prompt.subarray(0, PREFIX) });
+  const bytes = fs.readFileSync(file);
+  // magic, version, token count, the tokens; then the state without state_seq_get_data's prefix.
+  const state = 12 + 4 * PREFIX;
+  const cells = state + 4;
+  t.equal(bytes.readUInt32LE(state), 1, 'one KV stream');
+  t.equal(bytes.readUInt32LE(cells), PREFIX, 'the cell count where it is expected');
+  const rssBefore = process.memoryUsage().rss;
+  const variants: Array<[string, (b: Buffer) => void]> = [
+    ['2^28 cells', (b) => b.writeUInt32LE(2 ** 28, cells)],
+    ['2^32-1 cells', (b) => b.writeUInt32LE(2 ** 32 - 1, cells)],
+    ['a position near 2^31', (b) => b.writeInt32LE(2 ** 31 - 5, cells + 4)],
+    ['a negative position', (b) => b.writeInt32LE(-3, cells + 4)],
+    ['a cell in 2^31 sequences', (b) => b.writeUInt32LE(2 ** 31, cells + 8)],
+  ];
+  for (const [name, change] of variants) {
+    const lie = Buffer.from(bytes);
+    change(lie);
+    fs.writeFileSync(file, lie);
+    await t.rejects(context.loadState(file, { sequence: 0 }), { code: 'E_STATE_LOAD' }, `${name}: E_STATE_LOAD`);
+    t.same(context.memory.range(0), { min: -1, max: -1 }, `${name}: the sequence is left empty`);
+  }
+  t.ok(process.memoryUsage().rss - rssBefore < 256 * 2 ** 20, 'no large allocation for any claim');
+  fs.writeFileSync(file, bytes);
+  t.same(Array.from(await context.loadState(file, { sequence: 0 })), Array.from(prompt.subarray(0, PREFIX)), 'the true file still loads');
+  t.same(context.memory.range(0), { min: 0, max: PREFIX - 1 });
+  await context.exclusive(() => context.memory.clear());
+});

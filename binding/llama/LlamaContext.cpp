@@ -652,6 +652,7 @@ class StateLoadFileWorker : public ContextWorker {
 
  protected:
   void Work(llama_context* ctx) override {
+    if (seq_ >= 0) CheckFile();
     size_t count = 0;
     bool ok = seq_ < 0 ? llama_state_load_file(ctx, path_.c_str(), tokens_.data(), tokens_.size(), &count)
                        : llama_state_seq_load_file(ctx, path_.c_str(), seq_, tokens_.data(), tokens_.size(), &count) > 0;
@@ -670,10 +671,49 @@ class StateLoadFileWorker : public ContextWorker {
     return out;
   }
 
+ public:
+  // What the file's state must look like (LlamaContext::StateShape); set before Start().
+  StateLoadFileWorker* Expecting(const SequenceStateShape& shape) {
+    shape_ = shape;
+    shape_.prefixed = false;  // llama_state_seq_save_file writes the state without that prefix
+    return this;
+  }
+
  private:
+  // llama_state_seq_load_file sizes its allocations by the file's cell count before any bound (a
+  // small file claiming 2^28 cells costs gigabytes): walk the state after the file's tokens first.
+  // Files in another format or version are left to llama.cpp, which refuses them.
+  void CheckFile() {
+    std::vector<uint8_t> bytes;
+    {
+      const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) return;  // llama.cpp reports it
+      uint8_t block[1 << 16];
+      for (ssize_t got; (got = ::read(fd, block, sizeof(block))) != 0;) {
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) break;
+        bytes.insert(bytes.end(), block, block + got);
+      }
+      ::close(fd);
+    }
+    uint32_t head[3];
+    if (bytes.size() < sizeof(head)) return;
+    std::memcpy(head, bytes.data(), sizeof(head));
+    if (head[0] != LLAMA_STATE_SEQ_MAGIC || head[1] != LLAMA_STATE_SEQ_VERSION) return;
+    const uint64_t stateOffset = sizeof(head) + uint64_t{head[2]} * sizeof(llama_token);
+    if (stateOffset > bytes.size()) return;  // llama.cpp refuses a token count past the file's end
+    std::string reason;
+    const StateCheck check = CheckSequenceState(bytes.data() + stateOffset, bytes.size() - stateOffset, shape_,
+                                                [](const uint8_t*, size_t) { return true; }, &reason);
+    if (check != StateCheck::kValid) {
+      throw NativeError("E_STATE_LOAD", "the state in " + path_ + " cannot be loaded into this context: " + reason);
+    }
+  }
+
   std::string path_;
   llama_seq_id seq_;
   std::vector<llama_token> tokens_;
+  SequenceStateShape shape_;
 };
 
 // loadStateFile(path, seq) -> Promise<Int32Array>
@@ -683,7 +723,10 @@ Napi::Value LlamaContext::LoadStateFile(const Napi::CallbackInfo& info) {
   if (!info[0].IsString()) throw Napi::TypeError::New(env, "loadState: path must be a string");
   llama_seq_id seq = SequenceArg(env, info[1], true, "sequence");
   BeginOperation(env);
-  return (new StateLoadFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<size_t>(nCtx_)))->Start();
+  const SequenceStateShape shape = StateShape(-1);
+  return (new StateLoadFileWorker(env, this, info[0].As<Napi::String>(), seq, static_cast<size_t>(nCtx_)))
+      ->Expecting(shape)
+      ->Start();
 }
 
 class StateExportWorker : public ContextWorker {

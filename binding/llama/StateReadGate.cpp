@@ -78,9 +78,9 @@ StateCheck WalkState(StateCursor& c, const SequenceStateShape& shape, int caches
   };
   const std::string truncated = "the state ends inside its own structure";
   // llama_context::state_seq_get_data's prefix: its magic and the sequence the state came from.
-  uint32_t magic = 0;
+  uint32_t magic = kSequenceStateMagic;
   int32_t source = 0;
-  if (!c.Read(&magic) || !c.Read(&source)) return invalid(truncated);
+  if (shape.prefixed && (!c.Read(&magic) || !c.Read(&source))) return invalid(truncated);
   if (magic != kSequenceStateMagic) return invalid("it does not start with llama.cpp's sequence-state magic");
   if (source < 0 || source >= kMaxSequenceId) return invalid("it names source sequence " + std::to_string(source));
   for (int cache = 0; cache < caches; ++cache) {

@@ -65,6 +65,8 @@ struct SequenceStateShape {
   uint32_t cellExtBytes = 0;    // sizeof(llama_kv_cell_ext) when the model keeps it (M-RoPE, PLE), else 0
   uint32_t maxLayers = 0;       // the model's layer count: no cache holds more
   bool swaFirst = false;        // the model has sliding-window layers: try two caches (base, SWA) first
+  bool prefixed = true;         // starts with state_seq_get_data's magic and source sequence (a state
+                                // file's bytes after its tokens do not)
 };
 
 // kInvalid: the bytes contradict themselves, the model or their header (a lie: corrupt).
