@@ -154,3 +154,16 @@ t.test('fuzzed metadata values, each model loaded in a child: no child dies, eve
   t.equal(outcomes[0]!.result, 'ok', 'the unedited model loads, decodes and tokenizes');
   t.ok(tally.ok > 10 && tally.refusedHere > 10, `of ${outcomes.length}: ${tally.ok} loaded, ${tally.coded} refused with a code (${tally.refusedHere} by the metadata check)`);
 });
+
+t.test('a vocabulary llama.cpp loads but cannot tokenize with is E_TOKENIZE, not a terminated process', async (t) => {
+  // A SentencePiece tokenizer over a byte-level vocabulary: llama.cpp loads it, then throws
+  // std::out_of_range from inside llama_tokenize on the first character it cannot place.
+  const file = path.join(t.testdir(), 'spm-over-bpe.gguf');
+  await writeSmallModel(file, setKey('tokenizer.ggml.model', { type: STRING, value: 'llama' })(base));
+  const model = await loadModel(file);
+  t.teardown(() => model.dispose());
+  t.throws(() => model.tokenize('hello\nworld'), { code: 'E_TOKENIZE', message: /tokenization failed inside llama\.cpp/ });
+  // Refused again the same way: the refusal left nothing behind in the vocabulary's state.
+  t.throws(() => model.tokenize('hello'), { code: 'E_TOKENIZE' });
+  t.equal(model.info.vocabSize, SMALL_VOCAB);
+});

@@ -1,3 +1,4 @@
+#include <exception>
 #include "llama/LlamaModel.h"
 
 #include <cmath>
@@ -179,6 +180,19 @@ Napi::Value LlamaModel::Metadata(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// llama.cpp's tokenizers throw C++ exceptions on some vocabularies it loads (a SentencePiece
+// vocabulary without its <0xNN> byte tokens throws std::out_of_range on the first character it
+// cannot place). Uncaught, that terminates the process; caught, it is the caller's E_TOKENIZE.
+template <typename Call>
+static int32_t CallTokenizer(Napi::Env env, const char* what, Call call) {
+  try {
+    return call();
+  } catch (const std::exception& e) {
+    throw MakeError(env, "E_TOKENIZE", std::string(what) + " failed inside llama.cpp (" + e.what() +
+                                           "): this model's vocabulary cannot encode this input");
+  }
+}
+
 // tokenize(text, addSpecial, parseSpecial) -> Int32Array
 Napi::Value LlamaModel::Tokenize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -189,12 +203,14 @@ Napi::Value LlamaModel::Tokenize(const Napi::CallbackInfo& info) {
   bool parseSpecial = info[2].ToBoolean();
   if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw Napi::RangeError::New(env, "tokenize: text is too long");
   std::vector<llama_token> tokens(text.size() + 8);
-  int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
-                             static_cast<int32_t>(tokens.size()), addSpecial, parseSpecial);
+  auto tokenize = [&] {
+    return llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
+                          static_cast<int32_t>(tokens.size()), addSpecial, parseSpecial);
+  };
+  int32_t n = CallTokenizer(env, "tokenization", tokenize);
   if (n < 0 && n != INT32_MIN) {
     tokens.resize(static_cast<size_t>(-n));
-    n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), tokens.data(),
-                       static_cast<int32_t>(tokens.size()), addSpecial, parseSpecial);
+    n = CallTokenizer(env, "tokenization", tokenize);
   }
   if (n < 0) throw MakeError(env, "E_TOKENIZE", WithLlamaReason("tokenization failed"));
   Napi::Int32Array out = Napi::Int32Array::New(env, n);
@@ -210,12 +226,14 @@ Napi::Value LlamaModel::Detokenize(const Napi::CallbackInfo& info) {
   bool removeSpecial = info[1].ToBoolean();
   bool unparseSpecial = info[2].ToBoolean();
   std::string text(tokens.size() * 8 + 16, '\0');
-  int32_t n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), text.data(),
-                               static_cast<int32_t>(text.size()), removeSpecial, unparseSpecial);
+  auto detokenize = [&] {
+    return llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), text.data(),
+                            static_cast<int32_t>(text.size()), removeSpecial, unparseSpecial);
+  };
+  int32_t n = CallTokenizer(env, "detokenization", detokenize);
   if (n < 0) {
     text.resize(static_cast<size_t>(-n));
-    n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), text.data(),
-                         static_cast<int32_t>(text.size()), removeSpecial, unparseSpecial);
+    n = CallTokenizer(env, "detokenization", detokenize);
   }
   if (n < 0) throw MakeError(env, "E_TOKENIZE", WithLlamaReason("detokenization failed"));
   text.resize(n);
@@ -235,11 +253,14 @@ Napi::Value LlamaModel::TokenPiece(const Napi::CallbackInfo& info) {
                                                 " is not a token of this model (vocabulary size " + std::to_string(nVocab_) + ")");
   }
   const llama_token token = static_cast<llama_token>(number);
+  const bool special = info[1].ToBoolean();
   char small[128];
-  int32_t n = llama_token_to_piece(vocab_, token, small, sizeof(small), 0, info[1].ToBoolean());
+  int32_t n = CallTokenizer(env, "tokenPiece", [&] { return llama_token_to_piece(vocab_, token, small, sizeof(small), 0, special); });
   if (n >= 0) return Napi::Buffer<char>::Copy(env, small, n);
   std::vector<char> big(static_cast<size_t>(-n));
-  n = llama_token_to_piece(vocab_, token, big.data(), static_cast<int32_t>(big.size()), 0, info[1].ToBoolean());
+  n = CallTokenizer(env, "tokenPiece", [&] {
+    return llama_token_to_piece(vocab_, token, big.data(), static_cast<int32_t>(big.size()), 0, special);
+  });
   return Napi::Buffer<char>::Copy(env, big.data(), n < 0 ? 0 : n);
 }
 

@@ -118,10 +118,10 @@ const PER_LAYER_KEYS = ['qwen2.feed_forward_length', 'qwen2.attention.head_count
 const BOOL_KEYS = ['tokenizer.ggml.add_bos_token', 'tokenizer.ggml.add_eos_token', 'tokenizer.ggml.add_sep_token', 'qwen2.attention.causal', 'qwen2.rope.scaling.finetuned'];
 const STRING_VALUES: Array<[string, string[]]> = [
   ['qwen2.rope.scaling.type', ['none', 'linear', 'yarn', 'longrope', '', 'LINEAR', 'ntk', '\u0000']],
-  // Not 'llama' (SentencePiece) over this byte-level vocabulary: its tokenizer then looks up
-  // "<0x0A>"-style byte tokens that do not exist, and llama_tokenize throws std::out_of_range,
-  // which the addon's tokenize() does not catch yet (a tokenize() problem, not a load one).
-  ['tokenizer.ggml.model', ['gpt2', 'bert', 't5', 'rwkv', 'none', 'no_vocab', 'gemma4', 'plamo2', '', 'unknown']],
+  // 'llama' (SentencePiece) over this byte-level vocabulary loads, then its tokenizer looks up
+  // "<0x0A>"-style byte tokens that do not exist and llama.cpp throws std::out_of_range: the
+  // addon turns that into E_TOKENIZE instead of letting it terminate the process.
+  ['tokenizer.ggml.model', ['gpt2', 'llama', 'bert', 't5', 'rwkv', 'none', 'no_vocab', 'gemma4', 'plamo2', '', 'unknown']],
   ['tokenizer.ggml.pre', ['qwen2', 'default', 'llama3', 'tekken', 'roberta-bpe', 'gemma4', '', 'unknown']],
   ['general.architecture', ['qwen2', 'llama', 'qwen3', 'gpt2', 'bert', 'mamba', 'rwkv6', 'clip', '', 'unknown']],
 ];
