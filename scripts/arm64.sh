@@ -9,6 +9,7 @@
 #   scripts/arm64.sh build   the arm64 prebuilds -> prebuilds/linux-arm64/ (npm run prebuild -- --arch arm64)
 #   scripts/arm64.sh test [tap args]
 #                            prove which build runs on which CPU, then the tap suite under qemu
+#                            (no args: the files in arm64_suite below, what arm64 can break)
 #   scripts/arm64.sh all     setup, build, test
 #   scripts/arm64.sh node-path   print where setup puts the arm64 node (for scripts/pack-check.sh)
 #
@@ -149,7 +150,26 @@ cpu_check() {
   done
 }
 
+# What arm64 can break, run under qemu when `test` is given no files: every file whose behaviour
+# goes through native code (the addon's checks before llama.cpp, state bytes, CRC-32C's ARMv8
+# instruction, the restore's copy path, file locks, the RKLLM ABI and the fake runtime built for
+# aarch64, prebuild loading), plus one end-to-end path of each feature (demo, crash and resume).
+# Left to the x64 run: files that test TypeScript only (GGUF parsing and validation, synthetic
+# models, fingerprints, the CLI's argument handling and output, examples, chat, the bench and its
+# peer, import graphs, overflow policies), which behave the same on any architecture. Every other
+# run keeps the whole suite; this list is what keeps CI inside its time.
+arm64_suite=(
+  test/bad-input.test.ts test/memory-bounds.test.ts test/promises.test.ts test/error-codes.test.ts
+  test/checksum.test.ts test/f16.test.ts test/model.test.ts test/lifecycle.test.ts
+  test/context-decode.test.ts test/context-state.test.ts test/state-validation.test.ts
+  test/generate.test.ts test/prompt-cache.test.ts test/cache-hardening.test.ts
+  test/session-crash.test.ts test/session-hardening.test.ts
+  test/rkllm-runtime.test.ts test/rkllm-model.test.ts test/rkllm-hardening.test.ts
+  test/bench-prebuilt-vs-source.test.ts test/demo.test.ts
+)
+
 run_tests() {
+  [ $# -gt 0 ] || set -- "${arm64_suite[@]}"
   emulation_env
   [ -f dist/index.js ] || PATH="${PATH#"$node_dir/bin:"}" node scripts/build-ts.js
   local started=$SECONDS
