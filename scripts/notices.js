@@ -27,7 +27,7 @@ function main() {
   const llama = fetchLlama();
   const parts = [
     {
-      what: `llama.cpp and ggml, commit ${PIN.commit} (compiled into every prebuilds/*/kvstash-*.so)`,
+      what: `llama.cpp and ggml, commit ${PIN.commit} (compiled into every prebuilds/*/kvstash-*.so; models/ggml-vocab-qwen2.gguf is a file of that tree, holding the Qwen2 tokenizer's vocabulary and merges, which the Qwen team publishes under the Apache License 2.0)`,
       text: licenceOf(llama, ['LICENSE']),
     },
     {
