@@ -440,13 +440,15 @@ t.test('a writer killed with SIGKILL mid-write leaves no entry that loads wrong'
   let landed = 0;
   for (let trial = 0; trial < TRIALS; trial++) {
     const child = spawn(process.execPath, [...process.execArgv, '-e', script], {
-      stdio: ['ignore', 'pipe', 'inherit'],
+      stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, KVSTASH_TEST_WRITE_PAUSE_MS: '400' },
     });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr += text));
     const exited = new Promise((resolve) => child.once('exit', resolve));
     await new Promise<void>((resolve, reject) => {
       child.stdout.once('data', () => resolve());
-      void exited.then(() => reject(new Error('the writer ended before it was ready')));
+      void exited.then((code) => reject(new Error(`the writer ended (${String(code)}) before it was ready: ${stderr.slice(-600)}`)));
     });
     const mine = (name: string) => name.includes(`.tmp-${child.pid}-`);
     for (let waited = 0; !fs.readdirSync(dir).some(mine) && waited < 20_000; waited += 5) await new Promise((resolve) => setTimeout(resolve, 5));
