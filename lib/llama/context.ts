@@ -1,9 +1,8 @@
-import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import type { DigestScheme, NativeContext, NativeContextInfo, NativeContextOptions } from '../binding.js';
 import { KvstashError } from '../errors.js';
 import { replaceFileAtomic } from '../util/atomic-file.js';
-import type { OpenedFile } from '../util/regular-file.js';
+import { NotRegularFileError, openRegularFile, type OpenedFile } from '../util/regular-file.js';
 import { openEntryFile } from '../cache/entry.js';
 import { describe, INT32_MAX, INT32_MIN, requireInteger, requireString, toInt32Array } from '../util/validate.js';
 import type { Model } from './model.js';
@@ -178,7 +177,7 @@ export class Context {
     requireString(file, 'path');
     return this.enqueue(undefined, async () => {
       const sequence = this.sequenceOrAll(options.sequence);
-      if (!fs.existsSync(file)) throw new KvstashError('E_STATE_LOAD', `no state file at ${file}`);
+      await requireStateFile(file);
       try {
         return await this.handle.loadStateFile(file, sequence);
       } catch (err) {
@@ -467,4 +466,23 @@ function orderedProgress(onProgress: ((done: number, total: number) => void) | u
       open = false;
     },
   };
+}
+
+/**
+ * Refuses anything but a regular file before the native load opens `file`: its state-structure
+ * check and llama.cpp's own open do not pass O_NONBLOCK, so a FIFO under the name would block a
+ * worker thread for good (and process.exit() with it). A symlink is followed, as users name files.
+ */
+async function requireStateFile(file: string): Promise<void> {
+  let opened: OpenedFile;
+  try {
+    opened = await openRegularFile(file, { followSymlinks: true });
+  } catch (err) {
+    if (err instanceof NotRegularFileError) {
+      throw new KvstashError('E_STATE_LOAD', `cannot load state from ${file}: ${err.message}; give a file saveState() wrote`, { cause: err });
+    }
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new KvstashError('E_STATE_LOAD', `no state file at ${file}`, { cause: err });
+    throw new KvstashError('E_STATE_LOAD', `cannot open state file ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  await opened.handle.close();
 }

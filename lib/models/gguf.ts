@@ -11,7 +11,7 @@
  * The reader checks what llama.cpp's loader checks, so a file it accepts is one llama.cpp will
  * parse, and a corrupt file is refused here with a message instead of an assert in native code.
  */
-import fsp from 'node:fs/promises';
+import { NotRegularFileError, openRegularFile } from '../util/regular-file.js';
 import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
@@ -492,11 +492,16 @@ function isValueType(type: number): type is GgufType {
   return Number.isInteger(type) && type >= 0 && type <= GgufType.FLOAT64;
 }
 
-/** Opens a model file for reading, mapping failures to E_MODEL_LOAD. */
+/** Opens a model file for reading, mapping failures to E_MODEL_LOAD. Through the one opener: a
+ * FIFO, device or directory under the model's name is refused before anything waits on it (a
+ * symlink is followed, the file it leads to checked). */
 export async function openModelFile(file: string): Promise<FileHandle> {
   try {
-    return await fsp.open(file, 'r');
+    return (await openRegularFile(file, { followSymlinks: true })).handle;
   } catch (err) {
+    if (err instanceof NotRegularFileError) {
+      throw new KvstashError('E_MODEL_LOAD', `cannot load model ${file}: ${err.message}; give the path of a .gguf file`, { cause: err });
+    }
     const code = (err as NodeJS.ErrnoException).code ?? 'unknown error';
     throw new KvstashError('E_MODEL_LOAD', `cannot open model file ${file} (${code}): check the path and its permissions`, { cause: err });
   }

@@ -41,6 +41,7 @@ import { DirectoryStore } from '../cache/store.js';
 import { KvstashError } from '../errors.js';
 import { userCacheDir } from '../util/paths.js';
 import { isProcessAlive } from '../util/process.js';
+import { NotRegularFileError, openRegularFile, readRegularFile } from '../util/regular-file.js';
 
 export const RKLLM_PROMPT_CACHE_KIND = 'rkllm/prompt-cache' as const;
 /** How rkllmModelIdentity() samples and hashes an .rkllm file. */
@@ -94,9 +95,10 @@ const IDENTITY_SAMPLES = 16;
  * Reads about 1 MiB, never the whole multi-GB file. Scheme RKLLM_FINGERPRINT_SCHEME.
  */
 export async function rkllmModelIdentity(modelPath: string): Promise<string> {
-  const handle = await fsp.open(modelPath, 'r');
+  // The one opener: a FIFO or device under the model's name is refused, never waited on (the
+  // caller maps the error to E_MODEL_LOAD); a symlink is followed, its target checked.
+  const { handle, size } = await openRegularFile(modelPath, { followSymlinks: true });
   try {
-    const { size } = await handle.stat();
     const hash = createHash('sha256').update(`kvstash-rkllm-id-v1\0${size}\0`);
     const offsets = new Set<number>([0, Math.max(0, size - IDENTITY_SAMPLE)]);
     for (let i = 1; i <= IDENTITY_SAMPLES; i++) offsets.add(Math.floor((i * Math.max(0, size - IDENTITY_SAMPLE)) / (IDENTITY_SAMPLES + 1)));
@@ -241,8 +243,10 @@ export async function createSystemPromptCache(
     await write(payloadPath);
     let payload: Buffer;
     try {
-      payload = await fsp.readFile(payloadPath);
-    } catch {
+      // Not fsp.readFile: a FIFO in the runtime's place would block this process for good.
+      payload = await readRegularFile(payloadPath);
+    } catch (err) {
+      if (err instanceof NotRegularFileError) throw new Error(`the runtime's prompt cache ${err.message}`);
       throw new Error('the runtime wrote no prompt cache file (some models refuse to save one; see its log)');
     }
     if (payload.length === 0) throw new Error('the runtime wrote an empty prompt cache file');

@@ -8,8 +8,9 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import { KvstashError } from '../errors.js';
+import { NotRegularFileError, describeFileType, openRegularFile } from '../util/regular-file.js';
 
-const { O_RDWR, O_CREAT, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
+const { O_RDWR, O_CREAT } = fs.constants;
 
 function notOwn(file: string, what: string, kind: string): KvstashError {
   return new KvstashError(
@@ -19,41 +20,24 @@ function notOwn(file: string, what: string, kind: string): KvstashError {
   );
 }
 
-function kindOf(stats: fs.Stats): string {
-  if (stats.isSymbolicLink()) return 'a symbolic link';
-  if (stats.isDirectory()) return 'a directory';
-  if (stats.isFIFO()) return 'a FIFO';
-  if (stats.isSocket()) return 'a socket';
-  if (stats.isCharacterDevice() || stats.isBlockDevice()) return 'a device';
-  return 'not a regular file';
-}
-
 /**
- * Opens `file` for reading and writing (creating it with `create`), refusing a symbolic link
- * (O_NOFOLLOW) and anything but a regular file. O_NONBLOCK makes the open of a FIFO return at once
- * instead of waiting for a writer; the type is then checked on the opened descriptor, so a file
- * swapped between a check and the open cannot slip through. O_NONBLOCK changes nothing for a
- * regular file. Resolves undefined when the file is absent and `create` is false.
+ * Opens `file` for reading and writing (creating it with `create`) through the one opener
+ * (openRegularFile: no symlink followed, no wait on a FIFO, the type checked on the descriptor);
+ * anything but a regular file is E_SESSION_CORRUPT. Resolves undefined when the file is absent and
+ * `create` is false.
  */
 export async function openOwnFile(file: string, what: string, create: boolean): Promise<fsp.FileHandle | undefined> {
-  let handle: fsp.FileHandle;
   try {
-    handle = await fsp.open(file, O_RDWR | O_NOFOLLOW | O_NONBLOCK | (create ? O_CREAT : 0), 0o644);
+    return (await openRegularFile(file, { flags: O_RDWR | (create ? O_CREAT : 0) })).handle;
   } catch (err) {
+    if (err instanceof NotRegularFileError) throw notOwn(file, what, err.what);
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && !create) return undefined;
-    // O_NOFOLLOW on a symlink fails with ELOOP; O_RDWR on a directory with EISDIR; some devices
-    // refuse O_RDWR with ENXIO or EACCES, so look at what is there before calling it I/O.
+    // Some devices refuse O_RDWR with EACCES: look at what is there before calling it I/O.
     const stats = await fsp.lstat(file).catch(() => undefined);
-    if (stats && !stats.isFile()) throw notOwn(file, what, kindOf(stats));
+    if (stats && !stats.isFile()) throw notOwn(file, what, describeFileType(stats));
     throw ioError(err, `open the session's ${what} ${file}`);
   }
-  const stats = await handle.stat();
-  if (!stats.isFile()) {
-    await handle.close();
-    throw notOwn(file, what, kindOf(stats));
-  }
-  return handle;
 }
 
 /** Throws unless `dir` is absent or a directory itself (not a symlink to one). */
@@ -62,7 +46,7 @@ export async function requireOwnDirectory(dir: string, what: string): Promise<vo
     if (err.code === 'ENOENT') return undefined;
     throw ioError(err, `inspect the session's ${what} ${dir}`);
   });
-  if (stats && !stats.isDirectory()) throw notOwn(dir, what, kindOf(stats));
+  if (stats && !stats.isDirectory()) throw notOwn(dir, what, describeFileType(stats));
 }
 
 /** Whether `file` exists (without following a symlink); throws unless it is a regular file. */
@@ -71,7 +55,7 @@ export async function ownFileExists(file: string, what: string): Promise<fs.Stat
     if (err.code === 'ENOENT') return undefined;
     throw ioError(err, `inspect the session's ${what} ${file}`);
   });
-  if (stats && !stats.isFile()) throw notOwn(file, what, kindOf(stats));
+  if (stats && !stats.isFile()) throw notOwn(file, what, describeFileType(stats));
   return stats;
 }
 
