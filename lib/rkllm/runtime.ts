@@ -137,7 +137,7 @@ export class RkllmRuntime {
   /** The library that was loaded, and where that path came from. */
   readonly libraryPath: string;
   readonly librarySource: string;
-  private readonly queue = new RkllmQueue();
+  private readonly queue = new OperationQueue();
   private disposing: Promise<void> | undefined;
   private readonly exitRegistration: WeakRef<NativeRkllmRuntime>;
 
@@ -344,63 +344,9 @@ export class RkllmRuntime {
   }
 }
 
-/**
- * An OperationQueue whose waiting operations can leave it at once: when their AbortSignal fires
- * (E_ABORTED) or when the owner closes (closeWaiting). They never start then. An operation that has
- * started handles its signal itself.
- */
-export class RkllmQueue {
-  private readonly queue = new OperationQueue();
-  private readonly waiting = new Set<(err: unknown) => void>();
-
-  get size(): number {
-    return this.queue.size;
-  }
-
-  run<T>(operation: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    if (signal?.aborted) return Promise.reject(abortError(signal));
-    return new Promise<T>((resolve, reject) => {
-      let state: 'waiting' | 'started' | 'left' = 'waiting';
-      const leave = (err: unknown): void => {
-        if (state !== 'waiting') return;
-        state = 'left';
-        forget();
-        reject(err);
-      };
-      const onAbort = (): void => leave(abortError(signal!));
-      const forget = (): void => {
-        signal?.removeEventListener('abort', onAbort);
-        this.waiting.delete(leave);
-      };
-      signal?.addEventListener('abort', onAbort, { once: true });
-      this.waiting.add(leave);
-      this.queue
-        .run(async () => {
-          if (state === 'left') return undefined as T; // its turn came after it left: skip it
-          state = 'started';
-          forget();
-          return operation();
-        })
-        .then(
-          (value) => {
-            if (state === 'started') resolve(value);
-          },
-          (err: unknown) => {
-            if (state === 'started') reject(err);
-          },
-        );
-    });
-  }
-
-  /** Rejects every operation that has not started with `error()`. */
-  closeWaiting(error: () => unknown): void {
-    for (const leave of [...this.waiting]) leave(error());
-  }
-
-  drain(): Promise<void> {
-    return this.queue.drain();
-  }
-}
+/** The runtime's and the model's queue: OperationQueue, whose waiting operations leave at once on
+ * abort or closeWaiting (the same idea serves llama contexts). */
+export { OperationQueue as RkllmQueue };
 
 /**
  * process.exit() waits for libuv's worker threads, so a run in progress would hold the exit until
