@@ -11,6 +11,7 @@ import { chatCommand } from './chat.js';
 import { demoCommand } from './demo.js';
 import { inspectCommand, lsCommand, rmCommand, verifyCommand } from './entries.js';
 import { CommandFailure, UsageError } from './errors.js';
+import { serveCommand } from './serve.js';
 import { warmCommand } from './warm.js';
 
 export { CommandFailure, UsageError };
@@ -71,6 +72,7 @@ const COMMANDS: Readonly<Record<string, Command>> = {
   inspect: inspectCommand,
   verify: verifyCommand,
   rm: rmCommand,
+  serve: serveCommand,
   help: helpCommand,
 };
 
