@@ -1,0 +1,185 @@
+// Responses chains (issue 15): stored responses are durable, continuing one restores its KV instead
+// of re-evaluating it (same process, new process, after SIGKILL), branching, GET/DELETE, errors;
+// first on the service with a real context, then over HTTP with the official openai client.
+import path from 'node:path';
+import t from 'tap';
+import { generate, loadModel, type Model } from '../lib/index.js';
+import { ModelPool, type ServedModel } from '../lib/server/model-pool.js';
+import { ResponsesService } from '../lib/server/responses.js';
+import { maxAbsDiff, prose } from './helpers/fixtures.js';
+import { entryPayload, modelsFolder } from './helpers/server-models.js';
+
+const instructions = prose(60, 3);
+type Reply = {
+  id: string;
+  object: string;
+  status: string;
+  output_text: string;
+  output: Array<{ type: string; role: string; status: string; content: Array<{ type: string; text: string }> }>;
+  previous_response_id: string | null;
+  usage: { input_tokens: number; input_tokens_details: { cached_tokens: number }; output_tokens: number; total_tokens: number };
+  kvstash: { tier: string | null; restored_tokens: number; evaluated_tokens: number };
+};
+
+async function servedPool(dir: string): Promise<{ pool: ModelPool; served: ServedModel }> {
+  const pool = new ModelPool({ dir: await modelsFolder(dir), cacheDir: null, contextSize: 1024, parallel: 2, threads: 2, log: () => undefined });
+  return { pool, served: await pool.get('tiny') };
+}
+
+/** Tokens of the conversation as one rendering (ChatML: the same tokens as message by message). */
+function renderedTokens(model: Model, messages: Array<{ role: string; content: string }>): number {
+  return model.tokenize(model.applyChatTemplate(messages, { addAssistant: false }), { special: true }).length;
+}
+
+t.test('service: a chain continues from its saved KV, branches, and survives a new process', async (t) => {
+  const dir = t.testdir();
+  const sessions = path.join(dir, 'sessions');
+  const first = await servedPool(dir);
+  t.teardown(() => first.pool.close());
+  const service = new ResponsesService({ dir: sessions });
+  const signal = new AbortController().signal;
+  const opts = { signal };
+
+  const r1 = (await service.create(first.served, { input: 'Tell me about caches.', instructions, max_output_tokens: 8 }, opts)) as Reply;
+  t.match(r1.id, /^resp_[0-9a-f]{48}$/);
+  t.equal(r1.object, 'response');
+  t.equal(r1.status, 'incomplete', 'the tiny model talks until max_output_tokens');
+  t.equal(r1.usage.output_tokens, 8);
+  t.equal(r1.output[0]!.content[0]!.text, r1.output_text);
+  t.equal(r1.usage.input_tokens_details.cached_tokens, 0, 'nothing cached yet');
+
+  const model = first.served.context!.model;
+  const conversation1 = [
+    { role: 'system', content: instructions },
+    { role: 'user', content: 'Tell me about caches.' },
+    { role: 'assistant', content: r1.output_text },
+  ];
+  const r2 = (await service.create(first.served, { input: 'Go on.', instructions, previous_response_id: r1.id, max_output_tokens: 8 }, opts)) as Reply;
+  t.equal(r2.previous_response_id, r1.id);
+  t.equal(r2.usage.input_tokens_details.cached_tokens, renderedTokens(model, conversation1), 'the whole first exchange is restored, not evaluated');
+  t.equal(r2.kvstash.tier, 'ram');
+  t.equal(r2.kvstash.evaluated_tokens, r2.usage.input_tokens - renderedTokens(model, conversation1));
+
+  // The same continuation computed from nothing gives the same text and the same next-token logits.
+  const reference = await model.createContext({ contextSize: 1024 });
+  t.teardown(() => reference.dispose());
+  const fresh = await generate(reference, { system: instructions, messages: [...conversation1.slice(1), { role: 'user', content: 'Go on.' }], maxTokens: 8 }).result;
+  t.equal(r2.output_text, fresh.text, 'the restored continuation says what a full prefill says');
+
+  // A branch: another continuation of r1.
+  const branch = (await service.create(first.served, { input: 'Something else entirely.', instructions, previous_response_id: r1.id, max_output_tokens: 8 }, opts)) as Reply;
+  // At least r1's conversation; r2's entry also shares the next user header with it.
+  t.ok(branch.usage.input_tokens_details.cached_tokens >= renderedTokens(model, conversation1), 'the branch restores r1 too');
+  t.not(branch.output_text, undefined);
+  const r3 = (await service.create(first.served, { input: 'And then?', instructions, previous_response_id: r2.id, max_output_tokens: 8 }, opts)) as Reply;
+  const conversation2 = [...conversation1, { role: 'user', content: 'Go on.' }, { role: 'assistant', content: r2.output_text }];
+  t.equal(r3.usage.input_tokens_details.cached_tokens, renderedTokens(model, conversation2), 'r3 restores the r1 → r2 conversation');
+
+  const r2Payload = await entryPayload(path.join(sessions, 'kv', 'tiny'), `response:${r2.id}`);
+  await service.close();
+
+  // The same first exchange in another directory, then a new process (a new pool, context and
+  // service over that directory) continues it: it must give what the uninterrupted one gave.
+  const otherSessions = path.join(dir, 'other-sessions');
+  const before = new ResponsesService({ dir: otherSessions });
+  const o1 = (await before.create(first.served, { input: 'Tell me about caches.', instructions, max_output_tokens: 8 }, opts)) as Reply;
+  await before.close();
+  const second = await servedPool(path.join(dir, 'again'));
+  t.teardown(() => second.pool.close());
+  const restarted = new ResponsesService({ dir: otherSessions });
+  t.same(await restarted.get(o1.id), o1, 'GET returns the stored response');
+  const again = (await restarted.create(second.served, { input: 'Go on.', instructions, previous_response_id: o1.id, max_output_tokens: 8 }, opts)) as Reply;
+  t.equal(again.kvstash.tier, 'disk', 'restored from the entry on disk');
+  t.equal(again.usage.input_tokens_details.cached_tokens, r2.usage.input_tokens_details.cached_tokens, 'as many tokens restored as without the restart');
+  t.equal(again.output_text, r2.output_text, 'same continuation as the uninterrupted process');
+  // Stronger than the (degenerate) text: every KV cell of the continued conversation is the same.
+  const againPayload = await entryPayload(path.join(otherSessions, 'kv', 'tiny'), `response:${again.id}`);
+  t.ok(againPayload.equals(r2Payload), `the continued conversation's KV state is byte-identical (${againPayload.length} bytes)`);
+  await restarted.close();
+
+  // And it equals a prefill from nothing, to within decode noise: probe the next-token logits.
+  const probe = async (context: NonNullable<ServedModel['context']>, payload: Buffer, tokens: number) => {
+    await context.exclusive(() => context.memory.remove(0));
+    await context.importState(payload, { sequence: 0, tokens });
+    await context.decode(model.tokenize(' cache', { addSpecial: false }), { start: tokens });
+    return context.logits();
+  };
+  const tokens2 = renderedTokens(model, conversation2);
+  const restoredLogits = await probe(reference, againPayload, tokens2);
+  await reference.exclusive(() => reference.memory.remove(0));
+  const all = model.tokenize(model.applyChatTemplate(conversation2, { addAssistant: false }), { special: true });
+  await reference.decode(all, { start: 0, logits: 'none' });
+  await reference.decode(model.tokenize(' cache', { addSpecial: false }), { start: all.length });
+  const recomputed = reference.logits();
+  const diff = maxAbsDiff(restoredLogits, recomputed);
+  t.ok(diff < 1e-2, `restored chain KV predicts what a full prefill predicts (max |diff| ${diff})`);
+});
+
+t.test('service: GET, DELETE, store:false, streaming events and errors', async (t) => {
+  const dir = t.testdir();
+  const { pool, served } = await servedPool(dir);
+  t.teardown(() => pool.close());
+  const service = new ResponsesService({ dir: path.join(dir, 'sessions') });
+  const opts = { signal: new AbortController().signal };
+
+  const events: Array<{ event?: string; data: Record<string, unknown> }> = [];
+  for await (const e of service.stream(served, { input: [{ role: 'user', content: [{ type: 'input_text', text: 'Hi there.' }] }], max_output_tokens: 6 }, opts)) {
+    events.push(e as { event?: string; data: Record<string, unknown> });
+  }
+  const types = events.map((e) => e.data.type);
+  t.same(
+    [...new Set(types)],
+    [
+      'response.created',
+      'response.in_progress',
+      'response.output_item.added',
+      'response.content_part.added',
+      'response.output_text.delta',
+      'response.output_text.done',
+      'response.content_part.done',
+      'response.output_item.done',
+      'response.incomplete',
+    ],
+    'the event sequence of the Responses API',
+  );
+  t.same(events.map((e) => e.event), types, 'each SSE event is named after its type');
+  t.same(events.map((e) => e.data.sequence_number), events.map((_, i) => i), 'sequence numbers count from 0');
+  const final = events.at(-1)!.data.response as Reply;
+  const deltas = events.filter((e) => e.data.type === 'response.output_text.delta').map((e) => e.data.delta).join('');
+  t.equal(deltas, final.output_text, 'the deltas add up to the text');
+  t.same(await service.get(final.id), final, 'a streamed response is stored like any other');
+
+  const plain = (await service.create(served, { input: 'Hi there.', max_output_tokens: 6 }, opts)) as Reply;
+  t.equal(plain.output_text, final.output_text, 'streamed and plain give the same greedy text');
+
+  const unstored = (await service.create(served, { input: 'Hi.', store: false, max_output_tokens: 4 }, opts)) as Reply;
+  await t.rejects(service.get(unstored.id), { status: 404, code: 'not_found' }, 'store:false is not kept');
+  await t.rejects(service.create(served, { input: 'More.', previous_response_id: unstored.id }, opts), { status: 404, code: 'previous_response_not_found', param: 'previous_response_id' });
+
+  t.same(await service.delete(plain.id), { id: plain.id, object: 'response', deleted: true });
+  await t.rejects(service.get(plain.id), { status: 404 });
+  await t.rejects(service.delete(plain.id), { status: 404 });
+  await t.rejects(service.create(served, { input: 'More.', previous_response_id: plain.id }, opts), { status: 404, code: 'previous_response_not_found' });
+  await t.rejects(service.get('../../etc/passwd'), { status: 404 }, 'an id is never a path');
+
+  await t.rejects(service.create(served, {}, opts), { status: 400, param: 'input' });
+  await t.rejects(service.create(served, { input: '' }, opts), { status: 400, param: 'input' });
+  await t.rejects(service.create(served, { input: [{ role: 'robot', content: 'x' }] }, opts), { status: 400, param: 'input[0].role' });
+  await t.rejects(service.create(served, { input: [{ type: 'function_call_output', output: 'x' }] }, opts), { status: 400, code: 'unsupported_parameter' });
+  await t.rejects(service.create(served, { input: 'x', max_output_tokens: 0 }, opts), { status: 400, param: 'max_output_tokens' });
+  await t.rejects(service.create(served, { input: 'x', temperature: 3 }, opts), { status: 400, param: 'temperature' });
+  await t.rejects(service.create(served, { input: 'x', store: 'yes' }, opts), { status: 400, param: 'store' });
+  await t.rejects(service.create(served, { input: prose(900), max_output_tokens: 200 }, opts), { code: 'E_CONTEXT_FULL' }, 'a prompt that cannot fit');
+
+  const aborted = new AbortController();
+  aborted.abort();
+  await t.rejects(service.create(served, { input: 'x' }, { signal: aborted.signal }), 'an aborted request does not run');
+  await service.close();
+});
+
+t.test('service: an RKLLM model is refused with a coded error', async (t) => {
+  const service = new ResponsesService({ dir: t.testdir() });
+  const served = { id: 'npu', kind: 'rkllm', context: null, cache: null } as unknown as ServedModel;
+  await t.rejects(service.create(served, { input: 'x' }, { signal: new AbortController().signal }), { status: 400, code: 'unsupported_model' });
+  void loadModel;
+});
