@@ -2,12 +2,14 @@
 // of re-evaluating it (same process, new process, after SIGKILL), branching, GET/DELETE, errors;
 // first on the service with a real context, then over HTTP with the official openai client.
 import path from 'node:path';
+import OpenAI from 'openai';
 import t from 'tap';
 import { generate, loadModel, type Model } from '../lib/index.js';
 import { ModelPool, type ServedModel } from '../lib/server/model-pool.js';
 import { ResponsesService } from '../lib/server/responses.js';
-import { maxAbsDiff, prose } from './helpers/fixtures.js';
+import { maxAbsDiff, prose, tinyModel } from './helpers/fixtures.js';
 import { entryPayload, modelsFolder } from './helpers/server-models.js';
+import { killHard, startServer } from './helpers/server-process.js';
 
 const instructions = prose(60, 3);
 type Reply = {
@@ -181,5 +183,90 @@ t.test('service: an RKLLM model is refused with a coded error', async (t) => {
   const service = new ResponsesService({ dir: t.testdir() });
   const served = { id: 'npu', kind: 'rkllm', context: null, cache: null } as unknown as ServedModel;
   await t.rejects(service.create(served, { input: 'x' }, { signal: new AbortController().signal }), { status: 400, code: 'unsupported_model' });
-  void loadModel;
+});
+
+// --- over HTTP, with the official client and a real server process ---------------------------
+
+function serveArgs(models: string, sessions: string, cache: string): string[] {
+  return ['--models', models, '--sessions-dir', sessions, '--cache-dir', cache, '--threads', '2', '--context-size', '1024', '--parallel', '2'];
+}
+
+t.test('http: a chain continued after SIGKILL and a restart gives the uninterrupted tokens, restored', async (t) => {
+  const dir = t.testdir();
+  const models = await modelsFolder(dir);
+  const ask = { model: 'tiny', instructions, max_output_tokens: 8 } as const;
+
+  // A: the uninterrupted server.
+  const a = await startServer(serveArgs(models, path.join(dir, 'sessions-a'), path.join(dir, 'cache-a')));
+  t.teardown(() => killHard(a));
+  const clientA = new OpenAI({ baseURL: `${a.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  const a1 = await clientA.responses.create({ ...ask, input: 'Tell me about caches.' });
+  const a2 = (await clientA.responses.create({ ...ask, input: 'Go on.', previous_response_id: a1.id })) as unknown as Reply;
+  t.ok(a2.usage.input_tokens_details.cached_tokens > a1.usage!.input_tokens, 'the uninterrupted continuation restores the first exchange');
+
+  // B: the same first request, then SIGKILL right after the reply, a restart, and the continuation.
+  const sessionsB = path.join(dir, 'sessions-b');
+  const b = await startServer(serveArgs(models, sessionsB, path.join(dir, 'cache-b')));
+  const clientB = new OpenAI({ baseURL: `${b.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  const b1 = await clientB.responses.create({ ...ask, input: 'Tell me about caches.' });
+  t.equal(b1.output_text, a1.output_text);
+  await killHard(b);
+  t.equal(await b.exited, 'SIGKILL');
+
+  const b2server = await startServer(serveArgs(models, sessionsB, path.join(dir, 'cache-b')));
+  t.teardown(() => killHard(b2server));
+  const clientB2 = new OpenAI({ baseURL: `${b2server.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  t.same(await clientB2.responses.retrieve(b1.id), JSON.parse(JSON.stringify(b1)), 'the killed server\'s response is there after the restart');
+  const b2 = (await clientB2.responses.create({ ...ask, input: 'Go on.', previous_response_id: b1.id })) as unknown as Reply;
+  t.equal(b2.output_text, a2.output_text, 'the same text as the uninterrupted server');
+  t.equal(b2.usage.output_tokens, a2.usage.output_tokens);
+  t.equal(b2.usage.input_tokens, a2.usage.input_tokens);
+  t.equal(b2.usage.input_tokens_details.cached_tokens, a2.usage.input_tokens_details.cached_tokens, 'as many tokens restored as without the kill');
+  t.ok(b2.usage.input_tokens_details.cached_tokens > 0);
+  t.equal(b2.kvstash.tier, 'disk', 'restored from the chain\'s entry on disk, not re-evaluated');
+  t.equal(b2.kvstash.evaluated_tokens, b2.usage.input_tokens - b2.usage.input_tokens_details.cached_tokens);
+  const payloadA = await entryPayload(path.join(dir, 'sessions-a', 'kv', 'tiny'), `response:${a2.id}`);
+  const payloadB = await entryPayload(path.join(sessionsB, 'kv', 'tiny'), `response:${b2.id}`);
+  t.ok(payloadB.equals(payloadA), `every KV cell of the continued conversation is the same in both servers (${payloadA.length} bytes)`);
+
+  // Branching after the restart: another continuation of b1, then each branch continues.
+  const other = (await clientB2.responses.create({ ...ask, input: 'Something else entirely.', previous_response_id: b1.id })) as unknown as Reply;
+  t.ok(other.usage.input_tokens_details.cached_tokens >= b2.usage.input_tokens_details.cached_tokens - 8, 'the branch restores b1\'s conversation too');
+  const deeper = (await clientB2.responses.create({ ...ask, input: 'And then?', previous_response_id: b2.id })) as unknown as Reply;
+  const deeperOther = (await clientB2.responses.create({ ...ask, input: 'And then?', previous_response_id: other.id })) as unknown as Reply;
+  const model = await loadModel(await tinyModel());
+  t.teardown(() => model.dispose());
+  const start = [
+    { role: 'system', content: instructions },
+    { role: 'user', content: 'Tell me about caches.' },
+    { role: 'assistant', content: b1.output_text },
+  ];
+  const branch1 = [...start, { role: 'user', content: 'Go on.' }, { role: 'assistant', content: b2.output_text }];
+  const branch2 = [...start, { role: 'user', content: 'Something else entirely.' }, { role: 'assistant', content: other.output_text }];
+  t.equal(deeper.usage.input_tokens_details.cached_tokens, renderedTokens(model, branch1), 'branch 1 continues from its own whole conversation');
+  t.equal(deeperOther.usage.input_tokens_details.cached_tokens, renderedTokens(model, branch2), 'branch 2 continues from its own whole conversation');
+
+  // Streaming through the client: its events end with the stored response.
+  const stream = await clientB2.responses.create({ ...ask, input: 'Go on.', previous_response_id: b1.id, stream: true });
+  const types: string[] = [];
+  let text = '';
+  let last: Reply | undefined;
+  for await (const event of stream) {
+    types.push(event.type);
+    if (event.type === 'response.output_text.delta') text += event.delta;
+    if (event.type === 'response.incomplete' || event.type === 'response.completed') last = event.response as unknown as Reply;
+  }
+  t.equal(types[0], 'response.created');
+  t.equal(text, a2.output_text, 'streamed continuation: the same text');
+  t.ok(last!.usage.input_tokens_details.cached_tokens >= a2.usage.input_tokens_details.cached_tokens, 'restored (b2 shares even more of it)');
+  t.same(await clientB2.responses.retrieve(last!.id), JSON.parse(JSON.stringify(last)));
+
+  // DELETE, then 404s.
+  await clientB2.responses.delete(deeper.id);
+  await t.rejects(clientB2.responses.retrieve(deeper.id), { status: 404 });
+  await t.rejects(clientB2.responses.delete(deeper.id), { status: 404 });
+  await t.rejects(clientB2.responses.create({ ...ask, input: 'x', previous_response_id: deeper.id }), { status: 404, code: 'previous_response_not_found' });
+  await t.rejects(clientB2.responses.retrieve('resp_nope'), { status: 404 });
+  await t.rejects(clientB2.responses.create({ ...ask, model: 'nope', input: 'x' }), { status: 404 });
+  await t.rejects(clientB2.responses.create({ ...ask, input: '' }), { status: 400 });
 });
