@@ -10,9 +10,11 @@ import path from 'node:path';
 import { KvstashError } from '../errors.js';
 import { userCacheDir } from '../util/paths.js';
 import { chatChunks, chatCompletion, parseChatRequest, parseCompletionRequest, requireModel, requireObject, startRun, textChunks, textCompletion, type RunResult } from './chat.js';
-import { ApiError, readJsonBody, sendError, sendJson, sendSse } from './http.js';
+import { ApiError, readJsonBody, sendError, sendJson, sendSse, type SseEvent } from './http.js';
 import { Metrics } from './metrics.js';
 import { ModelPool, type ServedModel } from './model-pool.js';
+import { NamedCacheService } from './named-cache.js';
+import { ResponsesService } from './responses.js';
 
 export interface ServerOptions {
   /** The models folder: `<models>/<id>/<file>.gguf|.rkllm`, optionally with a model.json. */
@@ -77,6 +79,8 @@ class Server implements KvstashServer {
   private readonly http: http.Server;
   private readonly log: (line: string) => void;
   private readonly apiKeyDigest: Buffer | undefined;
+  private readonly responses: ResponsesService;
+  private readonly namedCaches: NamedCacheService;
   private readonly inflight = new Set<{ done: Promise<void>; abort: () => void }>();
   private address: string | undefined;
   private closing: Promise<void> | undefined;
@@ -97,6 +101,8 @@ class Server implements KvstashServer {
       log: this.log,
     });
     this.metrics = new Metrics(this.pool);
+    this.responses = new ResponsesService({ dir: path.resolve(options.sessionsDir ?? path.join(userCacheDir(), 'server', 'sessions')) });
+    this.namedCaches = new NamedCacheService({ pool: this.pool, cacheDir });
     this.apiKeyDigest = options.apiKey ? digest(options.apiKey) : undefined;
     this.http = http.createServer((req, res) => this.handle(req, res));
   }
@@ -140,7 +146,8 @@ class Server implements KvstashServer {
       for (const request of this.inflight) request.abort();
       await Promise.all([...this.inflight].map((r) => r.done));
     }
-    // Models unload after their caches have flushed their writes.
+    // Models unload after their caches (and the Responses chains' KV entries) have flushed their writes.
+    await this.responses.close().catch((err: unknown) => this.log(`kvstash serve: flushing responses failed: ${(err as Error).message}`));
     await this.pool.close(timeoutMs);
     this.http.closeAllConnections();
     await stopped;
@@ -220,7 +227,55 @@ class Server implements KvstashServer {
       requireMethod(method, 'POST');
       return this.completions(req, res, state, signal);
     }
+    if (pathname === '/v1/responses' || pathname.startsWith('/v1/responses/')) {
+      state.route = pathname === '/v1/responses' ? pathname : '/v1/responses/{id}';
+      return this.responsesRoute(req, res, state, signal, method, pathname);
+    }
+    if (pathname === '/v1/cache' || pathname.startsWith('/v1/cache/')) return this.cacheRoute(req, res, state, signal, method, pathname);
     throw new ApiError(404, `no route ${method} ${url.pathname}`, { code: 'not_found', retryable: false });
+  }
+
+  private async responsesRoute(req: IncomingMessage, res: ServerResponse, state: RequestState, signal: AbortSignal, method: string, pathname: string): Promise<void> {
+    if (pathname === '/v1/responses') {
+      requireMethod(method, 'POST');
+      const body = await readJsonBody(req, this.maxBodyBytes);
+      const served = await this.served(body, state);
+      if ((body as { stream?: unknown }).stream === true) {
+        await this.stream(res, this.responses.stream(served, body, { signal }), signal, false);
+        if (signal.aborted) throw signal.reason;
+        return;
+      }
+      return sendJson(res, 200, await this.responses.create(served, body, { signal }));
+    }
+    const id = segments(pathname, 3)?.[0];
+    if (id === undefined) throw notFound(method, pathname);
+    if (method === 'GET') return sendJson(res, 200, await this.responses.get(id));
+    if (method === 'DELETE') return sendJson(res, 200, await this.responses.delete(id));
+    throw new ApiError(405, 'use GET or DELETE for this route', { code: 'method_not_allowed', retryable: false });
+  }
+
+  private async cacheRoute(req: IncomingMessage, res: ServerResponse, state: RequestState, signal: AbortSignal, method: string, pathname: string): Promise<void> {
+    const parts = pathname === '/v1/cache' ? [] : segments(pathname, 3);
+    if (parts === undefined || parts.length > 2) throw notFound(method, pathname);
+    state.route = ['/v1/cache', '/v1/cache/{model}', '/v1/cache/{model}/{name}'][parts.length]!;
+    const [model, name] = parts;
+    if (model !== undefined) state.model = model;
+    if (model === undefined) {
+      requireMethod(method, 'GET');
+      return sendJson(res, 200, await this.namedCaches.list());
+    }
+    if (name === undefined) {
+      if (method === 'GET') return sendJson(res, 200, await this.namedCaches.listModel(model));
+      if (method === 'POST') return sendJson(res, 201, await this.namedCaches.create(model, await readJsonBody(req, this.maxBodyBytes), { signal }));
+      throw new ApiError(405, 'use GET or POST for this route', { code: 'method_not_allowed', retryable: false });
+    }
+    if (method === 'GET') return sendJson(res, 200, await this.namedCaches.get(model, name));
+    if (method === 'DELETE') return sendJson(res, 200, await this.namedCaches.delete(model, name));
+    throw new ApiError(405, 'use GET or DELETE for this route', { code: 'method_not_allowed', retryable: false });
+  }
+
+  private get maxBodyBytes(): number {
+    return this.options.maxBodyBytes ?? 4 << 20;
   }
 
   private authorize(req: IncomingMessage): void {
@@ -239,7 +294,7 @@ class Server implements KvstashServer {
   }
 
   private async chat(req: IncomingMessage, res: ServerResponse, state: RequestState, signal: AbortSignal): Promise<void> {
-    const body = await readJsonBody(req, this.options.maxBodyBytes ?? 4 << 20);
+    const body = await readJsonBody(req, this.maxBodyBytes);
     const served = await this.served(body, state);
     const request = parseChatRequest(body, served.defaultSystem);
     await this.generateOn(served, state, signal, async (sequence) => {
@@ -256,7 +311,7 @@ class Server implements KvstashServer {
   }
 
   private async completions(req: IncomingMessage, res: ServerResponse, state: RequestState, signal: AbortSignal): Promise<void> {
-    const body = await readJsonBody(req, this.options.maxBodyBytes ?? 4 << 20);
+    const body = await readJsonBody(req, this.maxBodyBytes);
     const served = await this.served(body, state);
     const request = parseCompletionRequest(body);
     await this.generateOn(served, state, signal, async (sequence) => {
@@ -283,8 +338,8 @@ class Server implements KvstashServer {
     if (signal.aborted) throw signal.reason;
   }
 
-  private async stream(res: ServerResponse, events: AsyncIterable<import('./http.js').SseEvent>, signal: AbortSignal): Promise<void> {
-    const { error } = await sendSse(res, events, signal, { done: true, keepAliveMs: this.options.keepAliveMs });
+  private async stream(res: ServerResponse, events: AsyncIterable<SseEvent>, signal: AbortSignal, done = true): Promise<void> {
+    const { error } = await sendSse(res, events, signal, { done, keepAliveMs: this.options.keepAliveMs });
     if (error && error.status >= 500) this.log(`kvstash serve: stream failed: ${(error.cause as Error | undefined)?.stack ?? error.message}`);
   }
 
@@ -296,6 +351,20 @@ class Server implements KvstashServer {
 
 function requireMethod(method: string, allowed: string): void {
   if (method !== allowed) throw new ApiError(405, `use ${allowed} for this route`, { code: 'method_not_allowed', retryable: false });
+}
+
+/** The decoded path segments after the first `skip` ('' / 'v1' / 'cache'); undefined when one is empty or undecodable. */
+function segments(pathname: string, skip: number): string[] | undefined {
+  try {
+    const parts = pathname.split('/').slice(skip).map(decodeURIComponent);
+    return parts.some((p) => p === '') ? undefined : parts;
+  } catch {
+    return undefined;
+  }
+}
+
+function notFound(method: string, pathname: string): ApiError {
+  return new ApiError(404, `no route ${method} ${pathname}`, { code: 'not_found', retryable: false });
 }
 
 function digest(text: string): Buffer {
