@@ -42,6 +42,13 @@ function generationSpeeds(table) {
   return speeds;
 }
 
+/** llama-batched-bench's arguments for the bench's case (also used by `npm run bench -- --server`). */
+function ceilingArgs(model, config) {
+  return ['-m', model, '-c', String(config.contextSize), '-ub', String(config.batchSize),
+    '-npp', String(config.prefixTokens), '-ntg', String(config.sessionTokens), '-npl', `1,${config.sessions}`, '-pps', '-kvu',
+    '-t', String(config.threads)];
+}
+
 async function main() {
   const types = process.argv.slice(2).length > 0 ? process.argv.slice(2) : ['q8_0', 'q4_k'];
   const { syntheticModelPath } = require(path.join(root, 'dist/tools/synthetic-model.js'));
@@ -52,9 +59,7 @@ async function main() {
   const bench = buildBatchedBench();
   for (const type of types) {
     const model = await syntheticModelPath(userCacheDir(), new AbortController().signal, cliUi, { shape: config.shape, type, seed: config.seed });
-    const table = execFileSync(bench, ['-m', model, '-c', String(config.contextSize), '-ub', String(config.batchSize),
-      '-npp', String(config.prefixTokens), '-ntg', String(config.sessionTokens), '-npl', `1,${config.sessions}`, '-pps', '-kvu',
-      '-t', String(config.threads)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    const table = execFileSync(bench, ceilingArgs(model, config), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
     process.stdout.write(`${type}\n${table.trim()}\n`);
     const speeds = generationSpeeds(table);
     if (!speeds.has(1) || !speeds.has(config.sessions)) throw new Error(`no S_TG rows for batch sizes 1 and ${config.sessions} in llama-batched-bench's output`);
@@ -63,7 +68,11 @@ async function main() {
   }
 }
 
-main().catch((err) => {
-  console.error(err.message);
-  process.exit(1);
-});
+module.exports = { ceilingArgs, generationSpeeds };
+
+if (require.main === module) {
+  main().catch((err) => {
+    console.error(err.message);
+    process.exit(1);
+  });
+}

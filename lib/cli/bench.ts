@@ -5,6 +5,7 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from '../bench/bench.js';
+import { runServerBench, SERVER_FULL_CONFIG, SERVER_QUICK_CONFIG, type ServerBenchReport, type ServerName } from '../bench/server.js';
 import { userCacheDir } from '../util/paths.js';
 import { UsageError } from './errors.js';
 import { fmt, ms, table, tildify } from './format.js';
@@ -23,6 +24,11 @@ const BENCH_FLAGS = {
   },
   repetitions: { type: 'integer', help: `Rounds of warm measurements (rows show the median). Default ${FULL_CONFIG.repetitions}`, min: 1, max: 100 },
   threads: { type: 'integer', help: `Compute threads, for both libraries. Default ${FULL_CONFIG.threads}`, min: 1, max: 1024 },
+  server: {
+    type: 'boolean',
+    help: "Instead: kvstash's OpenAI-compatible server beside llama.cpp's llama-server (built once from the pinned tree), over HTTP with streaming",
+  },
+  'servers': { type: 'string', value: 'list', help: 'With --server: which servers to run, comma-separated. Default llama-server,kvstash' },
 } as const satisfies FlagSpecs;
 
 export const benchCommand: Command<typeof BENCH_FLAGS> = {
@@ -33,6 +39,7 @@ export const benchCommand: Command<typeof BENCH_FLAGS> = {
 
 async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { signal: AbortSignal }): Promise<number> {
   const quick = flags.quick === true;
+  if (flags.server === true) return runServerBenchCommand(flags, signal);
   const types = parseTypes(flags.types);
   const base = quick ? QUICK_CONFIG : FULL_CONFIG;
   const config = { ...base, repetitions: flags.repetitions ?? base.repetitions, threads: flags.threads ?? base.threads };
@@ -51,6 +58,80 @@ async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { s
   if (flags['json-only'] === true) process.stdout.write(`${JSON.stringify(report)}\n`);
   else process.stdout.write(`${renderReport(report)}\nReport written to ${tildify(file)}\n`);
   return 0;
+}
+
+async function runServerBenchCommand(flags: Flags<typeof BENCH_FLAGS>, signal: AbortSignal): Promise<number> {
+  const quick = flags.quick === true;
+  const base = quick ? SERVER_QUICK_CONFIG : SERVER_FULL_CONFIG;
+  const servers = (flags.servers ?? 'llama-server,kvstash').split(',').map((s) => s.trim());
+  for (const name of servers) if (name !== 'kvstash' && name !== 'llama-server') throw new UsageError(`--servers takes kvstash, llama-server, got '${name}'`, 'bench');
+  const report = await runServerBench({
+    config: { ...base, threads: flags.threads ?? base.threads },
+    quick,
+    modelRoot: flags['cache-dir'] === undefined ? userCacheDir() : path.resolve(flags['cache-dir']),
+    signal,
+    ui: cliUi,
+    servers: [...new Set(servers)] as ServerName[],
+  });
+  const outDir = path.resolve(flags.out ?? 'bench-results');
+  await fsp.mkdir(outDir, { recursive: true });
+  const file = path.join(outDir, `server-${report.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`);
+  await fsp.writeFile(file, `${JSON.stringify(report, null, 2)}\n`);
+  if (flags['json-only'] === true) process.stdout.write(`${JSON.stringify(report)}\n`);
+  else process.stdout.write(`${renderServerReport(report)}\nReport written to ${tildify(file)}\n`);
+  return 0;
+}
+
+/** The server report for a person: one column per server, then the targets. */
+export function renderServerReport(report: ServerBenchReport): string {
+  const { config } = report;
+  const names = ['kvstash', 'llama-server'] as const;
+  const sides = names.map((name) => report.servers[name]);
+  const lines: string[] = [
+    `kvstash bench --server: synthetic ${config.shape} ${config.type}, ${fmt(config.systemTokens)}-token system prompt + ~${config.questionTokens}-token question, ` +
+      `${config.maxTokens} tokens out, ${config.threads} threads, ${config.parallel} slots, context ${fmt(config.contextSize)}, streaming over HTTP`,
+    `llama.cpp ${report.llamaCommit}; ${report.machine.cpu}, ${report.machine.cores} cores; load average ${report.machine.loadAverage.start[0]} → ${report.machine.loadAverage.end[0]}`,
+    '',
+  ];
+  for (const [i, side] of sides.entries()) if (side && 'unavailable' in side) lines.push(`${names[i]} not measured: ${side.unavailable.split('\n')[0]}`);
+  const get = (f: (s: Exclude<(typeof sides)[number], undefined | { unavailable: string }>) => number | undefined, unit: 'ms' | 'tok/s' | 'tokens') =>
+    sides.map((s) => {
+      const v = s === undefined || 'unavailable' in s ? undefined : f(s);
+      return v === undefined ? '-' : unit === 'ms' ? ms(v) : unit === 'tok/s' ? v.toFixed(1) : fmt(v);
+    });
+  const rows: string[][] = [
+    ['cold request TTFT', ...get((s) => s.coldTtftMs, 'ms')],
+    ['first request after a restart, TTFT', ...get((s) => s.restartTtftMs, 'ms')],
+    ['warm single request, TTFT (median)', ...get((s) => s.warmTtftMs, 'ms')],
+  ];
+  for (const clients of config.concurrency) {
+    const level = (s: { levels: Array<{ clients: number; firstRound: { ttftP50Ms: number; ttftP95Ms: number }; steady: { ttftP50Ms: number; ttftP95Ms: number; outputTokensPerSecond: number } }> }) => s.levels.find((l) => l.clients === clients);
+    rows.push(
+      [`${clients} clients, first round: p50 TTFT`, ...get((s) => level(s)?.firstRound.ttftP50Ms, 'ms')],
+      [`${clients} clients, first round: p95 TTFT`, ...get((s) => level(s)?.firstRound.ttftP95Ms, 'ms')],
+      [`${clients} clients, served before: p50 TTFT`, ...get((s) => level(s)?.steady.ttftP50Ms, 'ms')],
+      [`${clients} clients, served before: p95 TTFT`, ...get((s) => level(s)?.steady.ttftP95Ms, 'ms')],
+      [`${clients} clients: output tokens/s (aggregate)`, ...get((s) => level(s)?.steady.outputTokensPerSecond, 'tok/s')],
+    );
+  }
+  rows.push(['prompt tokens per request (server count)', ...get((s) => s.promptTokens, 'tokens')]);
+  lines.push(table(['', ...names], rows, ['left', 'right', 'right']), '');
+  if (!('unavailable' in report.overhead)) {
+    const o = report.overhead;
+    lines.push(`HTTP overhead (kvstash): server TTFT ${ms(o.serverTtft.median)} vs generate() ${ms(o.libraryTtft.median)} on the same requests; median difference ${o.overheadMs.toFixed(2)} ms`);
+  } else lines.push(`HTTP overhead not measured: ${report.overhead.unavailable.split('\n')[0]}`);
+  if (!('unavailable' in report.ceiling)) lines.push(`llama.cpp's own batching gain (llama-batched-bench): ${report.ceiling.gain.toFixed(2)}× (${report.ceiling.command})`);
+  else lines.push(`llama.cpp's batching gain not measured: ${report.ceiling.unavailable.split('\n')[0]}`);
+  lines.push('', 'Targets');
+  const targetRows = report.targets.map((t) => [
+    t.met === null ? 'not measured' : t.met ? 'met' : 'NOT MET',
+    t.value === null ? '-' : t.unit === 'ms' ? `${t.value.toFixed(2)} ms` : `${t.value.toFixed(3)}×`,
+    `${t.op} ${t.limit}${t.unit === 'ms' ? ' ms' : '×'}`,
+    t.formula,
+    t.description,
+  ]);
+  lines.push(table(['', 'measured', 'target', 'from', ''], targetRows, ['left', 'right', 'left', 'left', 'left']));
+  return `${lines.join('\n')}\n`;
 }
 
 function parseTypes(text: string | undefined): BenchType[] {
