@@ -6,7 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import OpenAI from 'openai';
-import { createServer, type KvstashServer, type ServerOptions } from '../../lib/index.js';
+import { createServer, type KvstashServer, type ServerOptions } from '../../lib/server/server.js';
 import { CLI, requireBuiltCli } from './cli.js';
 import { fakeModelFile, fakeRuntimeLibrary, type FakeVersion } from './fake-rkllm.js';
 import { tinyModel } from './fixtures.js';
