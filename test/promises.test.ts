@@ -10,7 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { PACKAGE_ROOT } from '../lib/binding.js';
-import { generate, KvstashError, loadModel, Session, systemInfo, type Context, type Model } from '../lib/index.js';
+import { preparePrompt } from '../lib/generate/generate.js';
+import { generate, KvstashError, loadModel, Session, systemInfo, type ChatMessage, type Context, type Model } from '../lib/index.js';
 import { bitIdentical, maxAbsDiff, prose, promptTokens, tinyModel } from './helpers/fixtures.js';
 import { probeLogits } from './helpers/probe.js';
 
@@ -214,9 +215,18 @@ t.test('overflow summarize without a summarizer: the session\'s model summarises
   const dir = t.testdir();
   const own = await model.createContext({ contextSize: 256 });
   const session = await Session.open({ dir, id: 'summary', context: own, system: 'Be brief.', checkpoint: { everyTurns: 0, everySeconds: 0 }, overflow: { policy: 'summarize' } });
+  // Every token the session's context evaluates, in order. The real decode runs; this only
+  // watches, because the tiny model's greedy answer is the same newlines whatever the transcript
+  // (its tied embeddings echo the prompt's last token), so the summary text cannot show which
+  // messages the summarizer was given, while the tokens it asked the model about can.
+  const decoded: number[] = [];
+  const decode = own.decode.bind(own);
+  own.decode = (tokens, options) => (decoded.push(...tokens), decode(tokens, options));
   const asked: string[] = [];
   const replies: string[] = [];
+  let decodedBeforeSummary = 0;
   for (let turn = 0; session.stats().summaries === 0 && turn < 12; turn++) {
+    decodedBeforeSummary = decoded.length;
     asked.push(`Turn ${turn}: ${prose(25, turn)}`);
     replies.push((await session.send(asked[turn]!, { maxTokens: 12 }).result).text);
   }
@@ -224,15 +234,20 @@ t.test('overflow summarize without a summarizer: the session\'s model summarises
   const summary = session.messages[0]!;
   t.equal(summary.role, 'system');
   t.match(summary.content, /^Summary of the earlier conversation:\n/);
+  const request = (transcript: string): ChatMessage[] => [
+    { role: 'system', content: 'Summarise the conversation below in a few sentences, keeping names, facts and open questions.' },
+    { role: 'user', content: transcript },
+  ];
+  // The summary request the model was asked during the overflowing turn: exactly the dropped
+  // first exchange (not another turn, not the whole window, not the user's message alone).
+  const asText = (tokens: ArrayLike<number>) => `,${Array.from(tokens).join(',')},`;
+  const overflowingTurn = asText(decoded.slice(decodedBeforeSummary));
+  const askedAbout = (transcript: string) => overflowingTurn.includes(asText(preparePrompt(model, { messages: request(transcript) }).tokens));
+  t.ok(askedAbout(`user: ${asked[0]}\nassistant: ${replies[0]}`), 'the model was asked to summarise exactly the dropped first exchange');
+  t.notOk(askedAbout(`user: ${asked[1]}\nassistant: ${replies[1]}`), 'and not the second');
   // What the model itself answers to the summary request for the first turn, in a fresh context.
   const fresh = await model.createContext({ contextSize: 256 });
-  const expected = await generate(fresh, {
-    messages: [
-      { role: 'system', content: 'Summarise the conversation below in a few sentences, keeping names, facts and open questions.' },
-      { role: 'user', content: `user: ${asked[0]}\nassistant: ${replies[0]}` },
-    ],
-    maxTokens: 32,
-  }).result;
+  const expected = await generate(fresh, { messages: request(`user: ${asked[0]}\nassistant: ${replies[0]}`), maxTokens: 32 }).result;
   await fresh.dispose();
   t.equal(summary.content, `Summary of the earlier conversation:\n${expected.text.trim()}`, 'the summary is the model\'s own answer to the summary request');
   await session.close();

@@ -8,16 +8,23 @@ export const CHILD = path.join(__dirname, 'session-child.js');
 export const CONTEXT = { contextSize: 2048 } as const;
 export const SEND = { maxTokens: 6 } as const;
 
-export function writeScript(dir: string, modelPath: string, turns: number): string {
+/** With `probe`, the child writes probe logits after each turn (readProbe reads them). */
+export function writeScript(dir: string, modelPath: string, turns: number, probe = false): string {
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, 'script.json');
   const messages = Array.from({ length: turns }, (_, turn) => `Question number ${turn}: ${prose(6 + (turn % 5), turn)}?`);
-  fs.writeFileSync(file, JSON.stringify({ model: modelPath, dir, system: prose(200, 77), messages, context: CONTEXT, send: SEND }));
+  fs.writeFileSync(file, JSON.stringify({ model: modelPath, dir, system: prose(200, 77), messages, context: CONTEXT, send: SEND, ...(probe ? { probe } : {}) }));
   return file;
 }
 
 export function readScript(file: string): { system: string; messages: string[] } {
   return JSON.parse(fs.readFileSync(file, 'utf8')) as { system: string; messages: string[] };
+}
+
+/** The probe logits (see test/helpers/probe.ts) the child wrote after turn `turn` of a probing script in `dir`. */
+export function readProbe(dir: string, turn: number): Float32Array {
+  const bytes = fs.readFileSync(path.join(dir, `probe-${turn}.f32`));
+  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
 }
 
 /**
