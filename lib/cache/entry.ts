@@ -399,6 +399,18 @@ export async function decodeEntry(source: string, bytes: Buffer): Promise<{ entr
   return { entry, payload: bytes.subarray(entry.payloadOffset, entry.checkedLength) };
 }
 
+/**
+ * An entry's structure from its two ends, without its payload: `head` is bytes [0, payload offset)
+ * (preamble, header, padding) and `tail` the bytes after the checked range (digests, checksum,
+ * trailer) of an entry `fileSize` bytes long. For stores that keep them apart from the payload
+ * (RedisStore's manifest); the digest table's own checksum is verified, the chunks are not.
+ */
+export async function readEntryEnds(source: string, head: Buffer, tail: Buffer, fileSize: number): Promise<EntryFile> {
+  const facts = parseHead(source, head, fileSize);
+  if (head.length !== facts.payloadOffset || tail.length !== facts.tailBytes) throw corrupt(source, 'its head or tail is not as long as its header describes');
+  return parseTail(source, facts, tail);
+}
+
 /** Reads a whole entry file and verifies it; returns its payload. */
 export async function readVerifiedEntry(file: string): Promise<{ entry: EntryFile; payload: Buffer }> {
   const opened = await requireEntryFile(file);

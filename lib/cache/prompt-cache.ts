@@ -144,6 +144,9 @@ export class PromptCache extends EventEmitter {
     this.minTokens = requireInteger(options.minTokens ?? 16, 'minTokens', 1);
     this.disk = this.dir === null ? null : new DirectoryStore(this.dir);
     this.store = options.store;
+    // A store that reports problems no call returns (RedisStore: a lost connection, a damaged
+    // manifest met in a lookup) reports them as this cache's own.
+    if (this.store instanceof EventEmitter) this.store.on('problem', (problem: CacheProblem) => this.problem(problem));
   }
 
   /**
@@ -416,7 +419,13 @@ export class PromptCache extends EventEmitter {
     }
     if (this.store && out.every((c) => c.length < limit)) {
       const local = new Set(out.map((c) => c.key));
-      for (const stored of await this.store.list().catch(() => [])) {
+      const store = this.store;
+      const found = await (store.match ? store.match(identity, prompt) : store.list()).catch((err: unknown) => {
+        // The store is down or slow: a problem to report, never a failed restore.
+        this.problem({ code: err instanceof KvstashError ? err.code : 'E_STORE_UNAVAILABLE', message: `the shared store could not be searched: ${(err as Error).message}` });
+        return [];
+      });
+      for (const stored of found) {
         if (local.has(stored.key) || mismatchReason(stored.header, identity)) continue;
         out.push({ tier: 'store', key: stored.key, length: Math.min(limit, commonPrefix(stored.header.tokens, prompt)), entryTokens: stored.header.tokenCount });
       }

@@ -18,6 +18,7 @@ import { KvstashError } from '../errors.js';
 import { ENTRY_EXTENSION, isSameEntry, openEntryFile, readEntryFrom, writeEntry, type EntryFile, type EntryHeader } from './entry.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 import { readExactly, type FileIdentity, type OpenedFile } from '../util/regular-file.js';
+import type { EntryIdentity } from './identity.js';
 
 export interface StoredEntry {
   key: string;
@@ -35,6 +36,12 @@ export interface CacheStore {
   get(key: string): Promise<Buffer | undefined>;
   put(key: string, bytes: Uint8Array): Promise<void>;
   delete(key: string): Promise<void>;
+  /**
+   * Optional: the entries made with `identity` whose tokens share the longest prefixes with
+   * `tokens`, best first (a few, not all). A store with an index (RedisStore) answers a lookup
+   * this way in a round trip or two whatever the number of entries; without it, list() is used.
+   */
+  match?(identity: EntryIdentity, tokens: Int32Array): Promise<StoredEntry[]>;
 }
 
 export interface ScannedFile {
