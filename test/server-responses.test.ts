@@ -270,3 +270,41 @@ t.test('http: a chain continued after SIGKILL and a restart gives the uninterrup
   await t.rejects(clientB2.responses.create({ ...ask, model: 'nope', input: 'x' }), { status: 404 });
   await t.rejects(clientB2.responses.create({ ...ask, input: '' }), { status: 400 });
 });
+
+t.test('service: a client that goes away ends the generation and gives the sequence back', async (t) => {
+  const dir = t.testdir();
+  const { pool, served } = await servedPool(dir);
+  t.teardown(() => pool.close());
+  const service = new ResponsesService({ dir: path.join(dir, 'sessions') });
+  const everySequence = async () => {
+    const leases = await Promise.all([served.lease(), served.lease()]);
+    for (const lease of leases) lease.release();
+    return leases.map((l) => l.sequence).sort();
+  };
+
+  // The signal fires (server.ts aborts it when the socket closes).
+  const hangUp = new AbortController();
+  let id = '';
+  let deltas = 0;
+  await t.rejects(
+    (async () => {
+      for await (const e of service.stream(served, { input: 'Hi.', max_output_tokens: 500 }, { signal: hangUp.signal })) {
+        const data = e.data as { type: string; response?: { id: string } };
+        if (data.type === 'response.created') id = data.response!.id;
+        if (data.type === 'response.output_text.delta' && ++deltas === 2) hangUp.abort();
+      }
+    })(),
+    { code: 'E_ABORTED' },
+  );
+  t.ok(deltas >= 2 && deltas < 10, `stopped within a decode step or so (${deltas} deltas of up to 500)`);
+  t.same(await everySequence(), [0, 1], 'both sequences are free again');
+  await t.rejects(service.get(id), { status: 404 }, 'an aborted response is not stored');
+
+  // The consumer stops iterating without a signal (SSE writer returning the iterator).
+  let seen = 0;
+  for await (const e of service.stream(served, { input: 'Hi.', max_output_tokens: 500 }, { signal: new AbortController().signal })) {
+    if ((e.data as { type: string }).type === 'response.output_text.delta' && ++seen === 1) break;
+  }
+  t.same(await everySequence(), [0, 1], 'the generation ended and its sequence is free');
+  await service.close();
+});

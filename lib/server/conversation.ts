@@ -50,19 +50,9 @@ export function conversationTokens(model: Model, messages: readonly ChatMessage[
     if (!withHeader.startsWith(rendered)) return whole(model, messages, true, render);
     piece(withHeader.slice(rendered.length));
   }
-  return { tokens: concat(parts), prefixLength };
+  return { tokens: Int32Array.from(parts.flatMap((part) => Array.from(part))), prefixLength };
 }
 
 function whole(model: Model, messages: readonly ChatMessage[], addAssistant: boolean, render: (list: readonly ChatMessage[], addAssistant: boolean) => string): ConversationTokens {
   return { tokens: model.tokenize(render(messages, addAssistant), { special: true }), prefixLength: 0 };
-}
-
-function concat(parts: Int32Array[]): Int32Array {
-  const out = new Int32Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
