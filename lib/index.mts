@@ -29,6 +29,7 @@ export const {
   CHATML_TEMPLATE,
   Session,
   systemInfo,
+  Memory,
 } = kvstash;
 export type * from './index.js';
 // A class is a value and a type. The destructuring above exports only the value, and a local
@@ -43,5 +44,6 @@ export type PromptCache = Cjs['PromptCache']['prototype'];
 export type DirectoryStore = Cjs['DirectoryStore']['prototype'];
 export type Generation = Cjs['Generation']['prototype'];
 export type RkllmModel = Cjs['RkllmModel']['prototype'];
+export type Memory = Cjs['Memory']['prototype'];
 export type RkllmRuntime = Cjs['RkllmRuntime']['prototype'];
 export type Session = Cjs['Session']['prototype'];

@@ -67,3 +67,21 @@ export {
   type SessionStats,
 } from './session/session.js';
 export { systemInfo, type SystemInfo } from './system.js';
+export {
+  Memory,
+  type EmbedFunction,
+  type MemoryOpenOptions,
+  type MemoryAddInput,
+  type MemorySearchMode,
+  type MemoryTier,
+  type MemorySearchOptions,
+  type MemoryHit,
+  type MemorySummary,
+  type CheckpointInput,
+  type CheckpointRecord,
+  type CheckpointCache,
+  type MemoryPruneOptions,
+  type MemoryForgetOptions,
+  type MemoryRemoved,
+  type MemoryStats,
+} from './memory/memory.js';
