@@ -11,7 +11,7 @@ import { generate, preparePrompt, type FinishReason, type GenerateOptions } from
 import type { ChatMessage, Model } from '../llama/model.js';
 import type { SamplingOptions } from '../llama/sampler.js';
 import type { RkllmModel, RkllmGenerateOptions } from '../rkllm/model.js';
-import { ApiError, invalidField, type SseEvent } from './http.js';
+import { ApiError, invalidField, rejectedArguments, type SseEvent } from './http.js';
 import type { ServedModel } from './model-pool.js';
 
 /** What one request asks the model for, in backend-neutral terms. */
@@ -113,7 +113,7 @@ function startRkllmRun(model: RkllmModel, spec: GenerationSpec, signal: AbortSig
       if (sampling.topP !== undefined) options.sampling.topP = sampling.topP;
     }
   }
-  const generation = model.generate(options);
+  const generation = rejectedArguments(() => model.generate(options));
   const result = generation.result.then(
     (r): RunResult => ({
       text: r.text,

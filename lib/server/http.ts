@@ -57,6 +57,20 @@ export function invalidField(param: string, message: string): ApiError {
   return new ApiError(400, message, { param, code: 'invalid_value' });
 }
 
+/**
+ * An argument check of the layer below (TypeError/RangeError thrown synchronously when a request's
+ * values reach it) as a 400: the route validated the shape, the backend knows its own limits
+ * (RKLLM's fixed token limit, one input per run). Anything else thrown stays a 500.
+ */
+export function rejectedArguments<T>(work: () => T): T {
+  try {
+    return work();
+  } catch (err) {
+    if (err instanceof RangeError || err instanceof TypeError) throw new ApiError(400, err.message, { code: 'invalid_value', retryable: false, cause: err });
+    throw err;
+  }
+}
+
 /** KvstashError codes a client caused (the rest are the server's problem: 500). */
 const CLIENT_CODES: Partial<Record<KvstashErrorCode, { status: number; code: string }>> = {
   E_CONTEXT_FULL: { status: 400, code: 'context_length_exceeded' },
@@ -76,11 +90,6 @@ export function toApiError(err: unknown): ApiError {
     const known = CLIENT_CODES[err.code];
     if (known) return new ApiError(known.status, err.message, { code: known.code, retryable: false, cause: err });
     if (err.code === 'E_ABORTED') return new ApiError(499, 'the request was cancelled', { code: 'cancelled', cause: err });
-  }
-  // Argument checks of the layers below (RangeError/TypeError) are caused by request values that
-  // the route could not foresee, e.g. a number outside a sampler's range.
-  if (err instanceof RangeError || err instanceof TypeError) {
-    if (!(err as Error).stack?.includes('/server/')) return new ApiError(400, err.message, { code: 'invalid_value', retryable: false, cause: err });
   }
   return new ApiError(500, 'the server failed to process the request; its log has the details', { code: 'internal_error', cause: err });
 }
