@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { loadModel } from '../lib/index.js';
+import { loadModel, type Model } from '../lib/index.js';
 import { templatePrefix } from '../lib/generate/generate.js';
 import { addFakeRkllmModel, addTinyModel, client, metric, raw, startChild, startInProcess } from './helpers/serve.js';
 
@@ -53,10 +53,18 @@ t.test('a client that hangs up mid-stream stops its generation and frees the seq
     received += chunk.choices[0]?.text ? 1 : 0;
     if (received === 3) break; // leaving the loop aborts the request: the socket closes
   }
+  // The lease is released once the generation has stopped; by then the sequence holds the prompt
+  // and the few tokens generated before the hang-up, not 400.
+  let metrics = '';
+  while (metric((metrics = (await raw(url, 'GET', '/metrics')).text), 'kvstash_sequences_active') !== 0) await new Promise((resolve) => setTimeout(resolve, 20));
+  const served = await server.pool.get('tiny');
+  const promptTokens = (served.model as Model).tokenize(LONG.prompt).length;
+  const held = served.context!.memory.range(0).max + 1;
+  t.ok(held >= promptTokens + 3 && held <= promptTokens + 3 + 8, `the sequence holds ${held} tokens: the ${promptTokens}-token prompt and a few generated ones`);
   // The only sequence is free again: the next request is served, not queued behind 400 tokens.
   const next = await openai.completions.create({ ...LONG, max_tokens: 2 });
   t.equal(next.usage!.completion_tokens, 2);
-  const metrics = (await raw(url, 'GET', '/metrics')).text;
+  metrics = (await raw(url, 'GET', '/metrics')).text;
   t.equal(metric(metrics, 'kvstash_generations_aborted_total{model="tiny"}'), 1);
   t.equal(metric(metrics, 'kvstash_sequences_active'), 0);
   t.equal(metric(metrics, 'kvstash_queue_depth'), 0);
