@@ -26,6 +26,9 @@ export interface RkllmChatTemplate {
   system: string;
   prefix: string;
   postfix: string;
+  /** What ends an assistant's reply in the conversation, before the next input (Sessions render
+   * earlier turns with it). Default '' (CHATML_TEMPLATE: '<|im_end|>\n'). */
+  turnEnd?: string;
 }
 
 /** ChatML, the template of the Qwen family that most RKLLM models are converted from. */
@@ -33,6 +36,7 @@ export const CHATML_TEMPLATE: Readonly<RkllmChatTemplate> = Object.freeze({
   system: '<|im_start|>system\n{system}<|im_end|>\n',
   prefix: '<|im_start|>user\n',
   postfix: '<|im_end|>\n<|im_start|>assistant\n',
+  turnEnd: '<|im_end|>\n',
 });
 
 export interface LoadRkllmModelOptions extends OpenRkllmRuntimeOptions {
@@ -118,6 +122,7 @@ export async function loadRkllmModel(path: string, options: LoadRkllmModelOption
   requireString(path, 'path');
   const template = options.chatTemplate ?? CHATML_TEMPLATE;
   for (const part of ['system', 'prefix', 'postfix'] as const) requireString(template[part], `chatTemplate.${part}`);
+  if (template.turnEnd !== undefined) requireString(template.turnEnd, 'chatTemplate.turnEnd');
   if (!template.system.includes('{system}')) throw new TypeError("chatTemplate.system must contain '{system}'");
   const name = options.name ?? rkllmModelName(path);
   requireString(name, 'name');
@@ -152,6 +157,8 @@ export class RkllmModel extends EventEmitter {
   private templateUse: SystemPromptCacheUse = 'none';
   /** The entry file of the loaded prompt cache. */
   private loadedCache: string | undefined;
+  /** Who last changed the runtime's state (template, history, loaded cache) through exclusive(). */
+  private stateOwner: object | undefined;
 
   /** @internal Use loadRkllmModel(). */
   constructor(
@@ -208,6 +215,36 @@ export class RkllmModel extends EventEmitter {
       this.disposing = Promise.all([this.runtime.dispose(), this.queue.drain()]).then(() => undefined);
     }
     return this.disposing;
+  }
+
+  /**
+   * @internal For sessions (lib/session/rkllm-backend.ts): runs `work` alone on the runtime, in this
+   * model's queue (after the generations before it, before those after it). `intact` tells whether
+   * the runtime's state is still as `owner`'s last exclusive() left it: false when another owner or
+   * a generate() ran in between. The model's own bookkeeping is reset, since `work` changes the
+   * template, the history and the loaded prompt cache.
+   */
+  exclusive<T>(owner: object, work: (runtime: RkllmRuntime, intact: boolean) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    if (this.disposing) return Promise.reject(disposedModelError());
+    return this.queue.run(async () => {
+      if (this.disposing) throw disposedModelError();
+      const intact = this.stateOwner === owner;
+      this.stateOwner = owner;
+      this.templateState = undefined;
+      // Whatever `work` loads is released before the next generate() loads the system prompt's.
+      this.loadedCache = SESSION_CACHE;
+      return work(this.runtime, intact);
+    }, signal);
+  }
+
+  /**
+   * @internal For sessions, inside exclusive(): the system prompt cache of `rendered` (the system
+   * block, template applied), found or made as generate() does, ready to load; undefined when
+   * caching is off or it could not be made (a 'problem' event says why).
+   */
+  async systemPromptCacheFor(rendered: string, signal?: AbortSignal): Promise<PreparedSystemPromptCache | undefined> {
+    if (rendered === '' || this.cacheDir === null) return undefined;
+    return (await this.findOrCreateCache(rendered, signal)).prepared;
   }
 
   private prepare(options: RkllmGenerateOptions): PreparedGeneration {
@@ -283,6 +320,11 @@ export class RkllmModel extends EventEmitter {
 
   private async runGeneration(request: PreparedGeneration, stream: ChunkStream): Promise<RkllmGenerationResult> {
     if (this.disposing) throw disposedModelError();
+    if (this.stateOwner !== undefined) {
+      // A session keeps its conversation in the runtime's history: this generation starts clean.
+      this.stateOwner = undefined;
+      await this.runtime.clearKvCache();
+    }
     const started = performance.now();
     const systemPromptCache = await this.useSystemPrompt(request.system, request.cache, request.signal);
     let firstChunkAt: number | undefined;
@@ -406,6 +448,9 @@ export class RkllmModel extends EventEmitter {
     this.emit('problem', problem);
   }
 }
+
+/** Stands for a prompt cache a session loaded (not an entry of this model's cacheDir). */
+const SESSION_CACHE = '(a session checkpoint)';
 
 function disposedModelError(): KvstashError {
   return new KvstashError('E_DISPOSED', 'the RKLLM model was disposed; load it again');

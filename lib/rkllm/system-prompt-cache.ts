@@ -47,19 +47,23 @@ export const RKLLM_PROMPT_CACHE_KIND = 'rkllm/prompt-cache' as const;
 /** How rkllmModelIdentity() samples and hashes an .rkllm file. */
 export const RKLLM_FINGERPRINT_SCHEME = 'kvstash-rkllm-fp-v1';
 
-/** Everything a system-prompt cache depends on. */
-export interface SystemPromptCacheKey {
+/** What every prompt cache of one model handle depends on (system prompts' and sessions' alike). */
+export interface RkllmCacheOwner {
   /** RKLLM runtime version whose ABI wrote the file. */
   runtimeVersion: string;
   /** rkllmModelIdentity() of the .rkllm file. */
   modelIdentity: string;
   /** The model's name (shown by `kvstash ls`; not part of the identity). */
   modelName: string;
-  /** The system prompt exactly as given to rkllm_set_chat_template (template applied). */
-  systemPrompt: string;
   /** The runtime's KV cache length and batch size (RKLLMParam max_context_len, n_batch). */
   maxContextLen: number;
   nBatch: number;
+}
+
+/** Everything a system-prompt cache depends on. */
+export interface SystemPromptCacheKey extends RkllmCacheOwner {
+  /** The system prompt exactly as given to rkllm_set_chat_template (template applied). */
+  systemPrompt: string;
 }
 
 /** A cache ready to load: its entry, and its payload extracted to a temporary file. */
@@ -123,18 +127,23 @@ export function systemPromptCacheLabel(systemPrompt: string): string {
   return `rkllm-system-${systemPromptSha256(systemPrompt).slice(0, 12)}`;
 }
 
-/** The header fields that must match for a cache to load. */
-export function systemPromptCacheIdentity(key: SystemPromptCacheKey): EntryIdentity {
+/**
+ * The identity of an RKLLM prompt cache of `owner`, with `what` (the fields naming what the cache
+ * holds) first in its layout. mismatchReason() compares the layout fields of the identity it is
+ * given, so the identity of `owner` alone checks everything but what the cache holds.
+ */
+export function rkllmCacheIdentity(owner: RkllmCacheOwner, what: Record<string, string> = {}): EntryIdentity {
   return {
     kind: RKLLM_PROMPT_CACHE_KIND,
-    backend: { name: 'rkllm', version: key.runtimeVersion },
-    model: { fingerprint: key.modelIdentity, fingerprintScheme: RKLLM_FINGERPRINT_SCHEME, name: key.modelName, architecture: 'rkllm' },
-    layout: {
-      systemPromptSha256: systemPromptSha256(key.systemPrompt),
-      maxContextLen: String(key.maxContextLen),
-      nBatch: String(key.nBatch),
-    },
+    backend: { name: 'rkllm', version: owner.runtimeVersion },
+    model: { fingerprint: owner.modelIdentity, fingerprintScheme: RKLLM_FINGERPRINT_SCHEME, name: owner.modelName, architecture: 'rkllm' },
+    layout: { ...what, maxContextLen: String(owner.maxContextLen), nBatch: String(owner.nBatch) },
   };
+}
+
+/** The header fields that must match for a cache to load. */
+export function systemPromptCacheIdentity(key: SystemPromptCacheKey): EntryIdentity {
+  return rkllmCacheIdentity(key, { systemPromptSha256: systemPromptSha256(key.systemPrompt) });
 }
 
 /** The entry key of a system prompt's cache (as `kvstash ls` shows it). */
@@ -211,15 +220,54 @@ export async function prepareSystemPromptCache(cacheDir: string, key: SystemProm
   if (reason) {
     throw new KvstashError('E_CACHE_MISMATCH', `cache entry ${entryPath} was not loaded: ${reason}`, { reason });
   }
-  await sweepTemporaryPayloads(cacheDir);
-  const payloadPath = temporaryPayloadPath(cacheDir, entry.key);
+  return { entryPath, payloadPath: await extractRuntimePromptCache(cacheDir, entry.key, payload) };
+}
+
+/**
+ * Writes a verified entry's payload to a hidden temporary file in `dir` for
+ * rkllm_load_prompt_cache; the caller removes it (removeTemporaryPayload) once loaded.
+ */
+export async function extractRuntimePromptCache(dir: string, key: string, payload: Uint8Array): Promise<string> {
+  await sweepTemporaryPayloads(dir);
+  const payloadPath = temporaryPayloadPath(dir, key);
   try {
     await fsp.writeFile(payloadPath, payload);
   } catch (err) {
     await removeTemporaryPayload(payloadPath);
     throw err;
   }
-  return { entryPath, payloadPath };
+  return payloadPath;
+}
+
+/**
+ * Has the runtime write a prompt cache file (`write(temporaryPath)`) to a hidden temporary file in
+ * `dir`, and reads its bytes. The file is kept for the caller to load (and remove); on failure it
+ * is removed. Rejects when the runtime wrote nothing, or something that is not a regular file.
+ */
+export async function captureRuntimePromptCache(
+  dir: string,
+  key: string,
+  write: (temporaryPath: string) => Promise<void>,
+): Promise<{ payload: Buffer; payloadPath: string }> {
+  await fsp.mkdir(dir, { recursive: true });
+  await sweepTemporaryPayloads(dir);
+  const payloadPath = temporaryPayloadPath(dir, key);
+  try {
+    await write(payloadPath);
+    let payload: Buffer;
+    try {
+      // Not fsp.readFile: a FIFO in the runtime's place would block this process for good.
+      payload = await readRegularFile(payloadPath);
+    } catch (err) {
+      if (err instanceof NotRegularFileError) throw new Error(`the runtime's prompt cache ${err.message}`);
+      throw new Error('the runtime wrote no prompt cache file (some models refuse to save one; see its log)');
+    }
+    if (payload.length === 0) throw new Error('the runtime wrote an empty prompt cache file');
+    return { payload, payloadPath };
+  } catch (err) {
+    await removeTemporaryPayload(payloadPath);
+    throw err;
+  }
 }
 
 /**
@@ -233,23 +281,11 @@ export async function createSystemPromptCache(
   key: SystemPromptCacheKey,
   write: (temporaryPath: string) => Promise<void>,
 ): Promise<PreparedSystemPromptCache> {
-  await fsp.mkdir(cacheDir, { recursive: true });
-  await sweepTemporaryPayloads(cacheDir);
   const identity = systemPromptCacheIdentity(key);
   const store = new DirectoryStore(cacheDir);
   const entryKeyHex = systemPromptCacheKey(key);
-  const payloadPath = temporaryPayloadPath(cacheDir, entryKeyHex);
+  const { payload, payloadPath } = await captureRuntimePromptCache(cacheDir, entryKeyHex, write);
   try {
-    await write(payloadPath);
-    let payload: Buffer;
-    try {
-      // Not fsp.readFile: a FIFO in the runtime's place would block this process for good.
-      payload = await readRegularFile(payloadPath);
-    } catch (err) {
-      if (err instanceof NotRegularFileError) throw new Error(`the runtime's prompt cache ${err.message}`);
-      throw new Error('the runtime wrote no prompt cache file (some models refuse to save one; see its log)');
-    }
-    if (payload.length === 0) throw new Error('the runtime wrote an empty prompt cache file');
     const header: EntryHeader = {
       ...identity,
       tokenCount: 0,

@@ -3,32 +3,29 @@
  * KV checkpoints (kvstash cache entries) only make resuming fast. A session killed at any moment
  * resumes with every turn whose send() had completed.
  *
- * The tokens a session keeps in its sequence are always the canonical tokens of its transcript:
- * the system prefix and each message rendered with the chat template and tokenized on its own.
- * After a reply, whatever differs from that (the end-of-turn tokens that were never decoded, a
- * tokenization that differs from the sampled tokens) is re-evaluated. So a checkpoint's tokens are
- * a prefix of the tokens a resume computes from the transcript, and restoring it is exact.
+ * What the conversation runs on — a llama.cpp context sequence or an RKLLM model — is a
+ * ConversationBackend (./backend.ts); this file never asks which one it has.
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { readEntryFile, writeEntry, entryKey, verifiedRanges, type EntryHeader } from '../cache/entry.js';
-import { contextIdentity, mismatchReason } from '../cache/identity.js';
-import { PromptCache, commonPrefix } from '../cache/prompt-cache.js';
-import { KvstashError } from '../errors.js';
-import { Generation, generate, templateLabel, type GenerationResult } from '../generate/generate.js';
+import type { PromptCache } from '../cache/prompt-cache.js';
+import { KvstashError, type KvstashErrorCode } from '../errors.js';
+import { Generation, type GenerationResult } from '../generate/generate.js';
 import type { Context } from '../llama/context.js';
 import type { ChatMessage } from '../llama/model.js';
 import type { SamplingOptions } from '../llama/sampler.js';
 import { OperationQueue } from '../llama/queue.js';
+import type { RkllmModel } from '../rkllm/model.js';
 import { requireInteger, requireString } from '../util/validate.js';
+import { conversationBackend } from './backends.js';
+import type { ConversationBackend, OverflowPolicy } from './backend.js';
 import { Journal, type JournalDamage } from './journal.js';
 import { ioError, ownFileExists, requireOwnDirectory } from './files.js';
 import { acquireLock, type Lock } from './lock.js';
 import { onProcessExit } from './exit-hooks.js';
 
-export type OverflowPolicy = 'drop-oldest' | 'summarize' | 'shift';
-
+export type { OverflowPolicy } from './backend.js';
 export interface CheckpointOptions {
   /** Checkpoint after this many completed turns. Default 4; 0 disables. */
   everyTurns?: number;
@@ -52,10 +49,12 @@ export interface SessionOptions {
   /** Directory holding sessions; this one lives in `<dir>/<id>/`. */
   dir: string;
   id: string;
-  context: Context;
-  /** Shares the system prefix with other sessions and generate() calls. Default: a RAM-only cache. */
+  /** What the conversation runs on: a llama.cpp context (one of its sequences) or an RKLLM model. */
+  context: Context | RkllmModel;
+  /** llama.cpp: shares the system prefix with other sessions and generate() calls. Default: a
+   * RAM-only cache. RKLLM keeps its system-prompt caches in the model's cacheDir instead. */
   cache?: PromptCache;
-  /** The context sequence this session uses. Default 0. */
+  /** llama.cpp: the context sequence this session uses. Default 0. */
   sequence?: number;
   checkpoint?: CheckpointOptions;
   overflow?: OverflowOptions;
@@ -64,12 +63,12 @@ export interface SessionOptions {
 export interface OpenOptions extends SessionOptions {
   system?: string;
   tools?: unknown;
-  /** Chat template (text or built-in name) instead of the model's. */
+  /** Chat template (text or built-in name) instead of the model's. llama.cpp only. */
   template?: string;
 }
 
 export interface SendOptions {
-  /** Default 256. */
+  /** Default 256 (llama.cpp), the model's maxNewTokens (RKLLM). Unit: tokens. */
   maxTokens?: number;
   /** Default greedy. */
   sampling?: SamplingOptions;
@@ -87,8 +86,9 @@ export interface ResumeReport {
   /** Tokens evaluated to catch up with the transcript. */
   evaluatedTokens: number;
   ms: number;
-  /** Checkpoints that could not be used, newest first, and why (corrupt, stale, other model). */
-  skippedCheckpoints: Array<{ path: string; reason: string }>;
+  /** Checkpoints that could not be used, newest first, and why (corrupt, stale, other model);
+   * `code` when the failure had one (E_CACHE_CORRUPT, E_CACHE_MISMATCH, E_CACHE_NOT_FILE, ...). */
+  skippedCheckpoints: Array<{ path: string; reason: string; code?: KvstashErrorCode }>;
   /** Bytes of a torn last journal record that were dropped. */
   droppedJournalBytes: number;
   /**
@@ -129,14 +129,11 @@ export class Session {
   readonly resumeReport: ResumeReport | undefined;
   private readonly view: ChatMessage[] = [];
   private readonly queue = new OperationQueue();
-  private readonly sequence: number;
-  private readonly cache: PromptCache;
   private readonly checkpointDir: string;
   private readonly checkpointOptions: Required<Omit<CheckpointOptions, 'onExit'>>;
   private readonly overflow: Required<Pick<OverflowOptions, 'policy'>> & OverflowOptions;
-  /** Tokens the sequence holds, from position 0. */
-  private held: Int32Array = new Int32Array(0);
-  private prefixTokens: Int32Array = new Int32Array(0);
+  /** The overflow policy as this backend applies it. */
+  private readonly policy: OverflowPolicy;
   private turnsSinceCheckpoint = 0;
   private lastCheckpointAt = Date.now();
   private closed = false;
@@ -156,15 +153,14 @@ export class Session {
   private constructor(
     readonly id: string,
     readonly dir: string,
-    readonly context: Context,
-    private readonly meta: Extract<JournalRecord, { type: 'open' }>,
+    readonly context: Context | RkllmModel,
+    /** What the conversation runs on. */
+    readonly backend: ConversationBackend,
     private readonly journal: Journal<JournalRecord>,
     private readonly lock: Lock,
     options: SessionOptions,
     report?: ResumeReport,
   ) {
-    this.sequence = options.sequence ?? 0;
-    this.cache = options.cache ?? new PromptCache({ dir: null });
     this.checkpointDir = path.join(dir, 'checkpoints');
     this.checkpointOptions = {
       everyTurns: requireInteger(options.checkpoint?.everyTurns ?? 4, 'checkpoint.everyTurns', 0),
@@ -172,14 +168,21 @@ export class Session {
       keep: requireInteger(options.checkpoint?.keep ?? 2, 'checkpoint.keep', 1),
     };
     this.overflow = { ...options.overflow, policy: options.overflow?.policy ?? 'drop-oldest' };
+    this.policy = backend.effectivePolicy(this.overflow.policy);
     this.resumeReport = report;
     if (options.checkpoint?.onExit) this.removeExitHook = onProcessExit(() => this.checkpoint().then(() => undefined));
-    this.prefixTokens = this.systemMessages().length > 0 ? this.tokenize(this.render(this.systemMessages(), false)) : new Int32Array(0);
   }
 
   /** Starts a new session. Rejects with E_SESSION_EXISTS when `<dir>/<id>` holds one. */
   static async open(options: OpenOptions): Promise<Session> {
     const dir = sessionDir(options);
+    const setup = {
+      ...(options.system !== undefined ? { system: options.system } : {}),
+      ...(options.tools !== undefined ? { tools: options.tools } : {}),
+      ...(options.template !== undefined ? { template: options.template } : {}),
+    };
+    // Before anything is written: a backend that cannot hold the options refuses them here.
+    const backend = conversationBackend(options, setup);
     await fsp.mkdir(dir, { recursive: true });
     const lock = await acquireLock(dir);
     try {
@@ -192,14 +195,12 @@ export class Session {
         type: 'open',
         version: 1,
         id: options.id,
-        ...(options.system !== undefined ? { system: options.system } : {}),
-        ...(options.tools !== undefined ? { tools: options.tools } : {}),
-        ...(options.template !== undefined ? { template: options.template } : {}),
+        ...setup,
         createdAt: new Date().toISOString(),
       };
       await journal.append(meta);
-      const session = new Session(options.id, dir, options.context, meta, journal, lock, options);
-      await session.queue.run(() => session.catchUp());
+      const session = new Session(options.id, dir, options.context, backend, journal, lock, options);
+      await session.queue.run(() => session.backend.catchUp(session.view));
       return session;
     } catch (err) {
       await lock.release();
@@ -217,6 +218,8 @@ export class Session {
     const dir = sessionDir(options);
     const file = path.join(dir, 'journal.kvj');
     const notFound = () => new KvstashError('E_SESSION_NOT_FOUND', `no session ${options.id} in ${options.dir}`);
+    // The options alone decide what the backend refuses; the setup comes from the journal below.
+    conversationBackend(options, {});
     if (!(await ownFileExists(file, 'journal'))) throw notFound();
     const lock = await acquireLock(dir);
     try {
@@ -248,7 +251,8 @@ export class Session {
         droppedJournalBytes: droppedBytes,
         journal: { damaged, lostBytes },
       };
-      const session = new Session(options.id, dir, options.context, meta, journal, lock, options, report);
+      const backend = conversationBackend(options, meta);
+      const session = new Session(options.id, dir, options.context, backend, journal, lock, options, report);
       for (const record of records.slice(1)) session.replay(record);
       await session.queue.run(() => session.restoreFromDisk(report));
       report.ms = performance.now() - started;
@@ -282,7 +286,7 @@ export class Session {
       this.requireOpen();
       await this.journal.append({ type: 'tool', name, content, at: new Date().toISOString() });
       this.replay({ type: 'tool', name, content, at: '' });
-      await this.catchUp();
+      await this.backend.catchUp(this.view);
     });
   }
 
@@ -309,42 +313,18 @@ export class Session {
 
   private async exchange(text: string, options: SendOptions, emit: (chunk: string) => void): Promise<GenerationResult> {
     this.requireOpen();
-    const maxTokens = requireInteger(options.maxTokens ?? 256, 'maxTokens', 1);
+    const maxTokens = this.backend.replyLimit(options.maxTokens);
     const user: ChatMessage = { role: 'user', content: text };
     // End-of-turn tokens and the canonical re-tokenization may add a few tokens past maxTokens.
     await this.makeRoom([user], maxTokens + 8);
-    const prompt = this.canonicalTokens([...this.view, user], true);
-    const inner = generate(this.context, {
-      prompt,
-      prefixLength: this.prefixTokens.length,
-      cache: this.cache,
-      sequence: this.sequence,
-      maxTokens,
-      ...(options.sampling ? { sampling: options.sampling } : {}),
-      ...(options.stop ? { stop: options.stop } : {}),
-      ...(options.signal ? { signal: options.signal } : {}),
-      ...(options.onProgress ? { onProgress: options.onProgress } : {}),
-    });
-    try {
-      for await (const chunk of inner) emit(chunk);
-    } finally {
-      // Whatever happened, know what the sequence holds: the prompt and generated tokens, as far
-      // as they were evaluated.
-      const result = await inner.result.catch(() => undefined);
-      const evaluated = await this.context.exclusive(() => this.context.memory.range(this.sequence).max + 1);
-      const all = new Int32Array(prompt.length + (result?.tokens.length ?? 0));
-      all.set(prompt);
-      if (result) all.set(result.tokens, prompt.length);
-      this.held = all.slice(0, Math.min(evaluated, all.length));
-    }
-    const result = await inner.result;
+    const result = await this.backend.reply([...this.view, user], { ...options, maxTokens }, emit);
     const assistant: ChatMessage = { role: 'assistant', content: result.text };
     await this.journal.append({ type: 'exchange', user: text, assistant: result.text, at: new Date().toISOString() });
     this.history.push(user, assistant);
     this.view.push(user, assistant);
     this.counters.turns++;
     this.turnsSinceCheckpoint++;
-    await this.catchUp();
+    await this.backend.catchUp(this.view);
     const { everyTurns, everySeconds } = this.checkpointOptions;
     if ((everyTurns > 0 && this.turnsSinceCheckpoint >= everyTurns) || (everySeconds > 0 && Date.now() - this.lastCheckpointAt >= everySeconds * 1000)) {
       // A failed checkpoint costs speed on resume, never the turn: it is counted and the turn stands.
@@ -355,8 +335,8 @@ export class Session {
 
   /** Applies the overflow policy until `extra` messages and `reserve` tokens fit after the view. */
   private async makeRoom(extra: ChatMessage[], reserve: number): Promise<void> {
-    const limit = this.context.info.sequenceContextSize;
-    const needed = () => this.canonicalTokens([...this.view, ...extra], true).length + reserve;
+    const limit = this.backend.capacity;
+    const needed = () => this.backend.measure([...this.view, ...extra], true) + reserve;
     while (needed() > limit) {
       let count = this.turnLength();
       // A summary is folded into the next summary together with the turn after it, so every
@@ -367,22 +347,21 @@ export class Session {
         throw new KvstashError('E_CONTEXT_FULL', `the message and maxTokens need ${needed()} tokens; the context holds ${limit} per sequence`);
       }
       const dropped = this.view.slice(0, count);
-      const before = this.canonicalTokens(this.view, false).length;
-      let policy = this.overflow.policy;
-      if (policy === 'shift' && !this.context.info.canShift) policy = 'drop-oldest';
+      const before = this.backend.measure(this.view, false);
+      const policy = this.policy;
       if (policy === 'summarize' && (foldSummary || !this.isSummary(this.view[0]))) {
-        const content = await (this.overflow.summarize ?? ((m) => this.summarizeWithModel(m)))(dropped);
+        const content = await (this.overflow.summarize ?? ((m) => this.backend.summarize(m)))(dropped);
         await this.journal.append({ type: 'summary', count, content, at: new Date().toISOString() });
         this.replay({ type: 'summary', count, content, at: '' });
         this.counters.summaries++;
       } else {
         await this.journal.append({ type: 'drop', count, shifted: policy === 'shift', at: new Date().toISOString() });
-        if (policy === 'shift') await this.shiftOut(count);
+        if (policy === 'shift') await this.backend.shiftOut(this.view, count);
         this.replay({ type: 'drop', count, shifted: policy === 'shift', at: '' });
         if (policy === 'shift') this.counters.shifts++;
         else this.counters.clears++;
       }
-      this.counters.tokensDropped += Math.max(0, before - this.canonicalTokens(this.view, false).length);
+      this.counters.tokensDropped += Math.max(0, before - this.backend.measure(this.view, false));
     }
   }
 
@@ -396,45 +375,6 @@ export class Session {
 
   private isSummary(message: ChatMessage | undefined): boolean {
     return message?.role === 'system' && message.content.startsWith(SUMMARY_PREFIX);
-  }
-
-  /** Removes the oldest `count` messages' cells and moves the rest down (RoPE shift), instead of
-   * re-evaluating them. The shifted cells keep what they attended to before: an approximation,
-   * which is why it is an opt-in policy. */
-  private async shiftOut(count: number): Promise<void> {
-    const start = this.prefixTokens.length;
-    const removed = this.canonicalTokens(this.view.slice(0, count), false, false).length;
-    const kept = this.canonicalTokens(this.view.slice(count), false, false);
-    const heldAfterPrefix = this.held.length - start;
-    if (heldAfterPrefix < removed) return; // nothing cached to shift: catchUp() evaluates instead
-    await this.context.exclusive(() => {
-      this.context.memory.remove(this.sequence, start, start + removed);
-      this.context.memory.shift(this.sequence, -removed, start + removed);
-    });
-    const next = new Int32Array(start + Math.min(kept.length, heldAfterPrefix - removed));
-    next.set(this.held.subarray(0, start));
-    next.set(kept.subarray(0, next.length - start), start);
-    this.held = next;
-  }
-
-  private async summarizeWithModel(messages: ChatMessage[]): Promise<string> {
-    const limit = this.context.info.sequenceContextSize;
-    let transcript = messages.map((m) => `${m.role}: ${m.content}`).join('\n');
-    // Keep the request well inside the context: the newest part of what is dropped matters most.
-    const budget = Math.floor(limit / 2);
-    while (this.context.model.tokenize(transcript).length > budget) transcript = transcript.slice(Math.floor(transcript.length / 4));
-    const result = await generate(this.context, {
-      messages: [
-        { role: 'system', content: 'Summarise the conversation below in a few sentences, keeping names, facts and open questions.' },
-        { role: 'user', content: transcript },
-      ],
-      sequence: this.sequence,
-      maxTokens: Math.min(160, Math.floor(limit / 8)),
-      ...(this.meta.template !== undefined ? { template: this.meta.template } : {}),
-    }).result;
-    // The summary request replaced the sequence's contents; catchUp() rebuilds them.
-    this.held = new Int32Array(0);
-    return result.text.trim();
   }
 
   /** Applies a journal record to the in-memory transcript. */
@@ -467,8 +407,6 @@ export class Session {
   }
 
   private async restoreFromDisk(report: ResumeReport): Promise<void> {
-    const target = this.canonicalTokens(this.view, false);
-    const here = contextIdentity(this.context);
     // Checkpoints only make resuming fast: checkpoints/ that is not the session's own directory
     // is reported and passed over, and the transcript is evaluated instead.
     const checkpoints = await this.listCheckpoints().catch((err: Error) => {
@@ -478,65 +416,21 @@ export class Session {
     for (const { file, regular } of checkpoints) {
       try {
         if (!regular) throw new Error('it is not a regular file');
-        const entry = await readEntryFile(file);
-        const reason = mismatchReason(entry.header, here);
-        if (reason) throw new Error(reason);
-        if (commonPrefix(entry.header.tokens, target) !== entry.header.tokenCount) throw new Error('its tokens are not a prefix of the transcript');
-        await this.context.importVerifiedFile(
-          file,
-          verifiedRanges(entry),
-          { sequence: this.sequence },
-        );
-        this.held = Int32Array.from(entry.header.tokens);
-        this.cache.setResident(this.context, this.sequence, this.held);
+        report.restoredTokens = await this.backend.restoreCheckpoint(file, this.view);
         report.path = 'checkpoint';
-        report.restoredTokens = entry.header.tokenCount;
         break;
       } catch (err) {
-        report.skippedCheckpoints.push({ path: file, reason: (err as Error).message });
+        const code = (err as Partial<KvstashError>).code;
+        report.skippedCheckpoints.push({ path: file, reason: (err as Error).message, ...(code ? { code } : {}) });
       }
     }
-    if (report.path !== 'checkpoint') this.held = new Int32Array(0);
-    const { restored, evaluated } = await this.catchUp();
+    if (report.path !== 'checkpoint') this.backend.forget();
+    const { restored, evaluated } = await this.backend.catchUp(this.view);
     if (report.path !== 'checkpoint') {
       report.path = restored > 0 ? 'cache' : 'prefill';
       report.restoredTokens = restored;
     }
     report.evaluatedTokens = evaluated;
-  }
-
-  /**
-   * Makes the sequence hold exactly the canonical tokens of the view, evaluating what it lacks.
-   * A system prefix it lacks is first looked up in the prompt cache (another session or process
-   * may have it) and, when evaluated here, saved there. Resolves with the tokens restored from the
-   * cache and the tokens evaluated.
-   */
-  private async catchUp(): Promise<{ restored: number; evaluated: number }> {
-    const target = this.canonicalTokens(this.view, false);
-    const prefix = this.prefixTokens.length;
-    const sharePrefix = prefix >= this.cache.minTokens;
-    let keep = commonPrefix(this.held, target);
-    let restored = 0;
-    if (sharePrefix && keep < prefix) {
-      restored = (await this.cache.restore(this.context, target, { sequence: this.sequence })).cachedTokens;
-      keep = restored;
-    } else {
-      await this.context.exclusive(() => this.context.memory.remove(this.sequence, keep));
-    }
-    this.held = target.slice(0, keep);
-    const evaluated = target.length - keep;
-    if (sharePrefix && keep < prefix) {
-      await this.context.decode(target.subarray(keep, prefix), { sequence: this.sequence, start: keep, logits: 'none' });
-      this.held = target.slice(0, prefix);
-      await this.cache.save(this.context, this.held, { sequence: this.sequence, label: templateLabel(this.prefixTokens) });
-      keep = prefix;
-    }
-    if (keep < target.length) {
-      await this.context.decode(target.subarray(keep), { sequence: this.sequence, start: keep, logits: 'none' });
-      this.held = target;
-    }
-    this.cache.setResident(this.context, this.sequence, this.held);
-    return { restored, evaluated };
   }
 
   private async writeCheckpoint(): Promise<{ path: string; tokens: number; bytes: number }> {
@@ -548,88 +442,27 @@ export class Session {
       throw ioError(err, `create ${this.checkpointDir}`);
     });
     await requireOwnDirectory(this.checkpointDir, 'checkpoints directory');
-    const payload = await this.context.exportState({ sequence: this.sequence });
-    const tokens = Array.from(this.held);
-    const header: EntryHeader = {
-      ...contextIdentity(this.context),
-      tokenCount: tokens.length,
-      tokens,
-      label: `session:${this.id}`,
-      createdAt: new Date().toISOString(),
-      payloadBytes: payload.length,
-    };
     const stamp = `${String(this.counters.turns).padStart(8, '0')}-${Date.now()}`;
-    const file = path.join(this.checkpointDir, `${stamp}-${entryKey(header).slice(0, 8)}.kvstash`);
-    const bytes = await writeEntry(file, header, payload).catch((err: unknown) => {
-      throw ioError(err, `write the checkpoint ${file}`);
-    });
+    const written = await this.backend.writeCheckpoint(this.checkpointDir, stamp, `session:${this.id}`, this.view);
     const all = (await this.listCheckpoints()).filter((c) => c.regular);
     for (const old of all.slice(this.checkpointOptions.keep)) await fsp.rm(old.file, { force: true });
     this.counters.checkpoints++;
     this.turnsSinceCheckpoint = 0;
     this.lastCheckpointAt = Date.now();
-    return { path: file, tokens: tokens.length, bytes };
+    return written;
   }
 
-  /** Checkpoint files, newest first; `regular` is false for anything else named like one (a
-   * symlink, a FIFO, a directory), which is never opened or deleted. Rejects with
-   * E_SESSION_CORRUPT when checkpoints/ is not the session's own directory. */
+  /** Checkpoint files, newest first (in the backend's order); `regular` is false for anything
+   * else named like one (a symlink, a FIFO, a directory), which is never opened or deleted. Rejects
+   * with E_SESSION_CORRUPT when checkpoints/ is not the session's own directory. */
   private async listCheckpoints(): Promise<Array<{ file: string; regular: boolean }>> {
     await requireOwnDirectory(this.checkpointDir, 'checkpoints directory');
     const entries = await fsp.readdir(this.checkpointDir, { withFileTypes: true }).catch(() => [] as fs.Dirent[]);
-    return entries
+    const byName = entries
       .filter((e) => e.name.endsWith('.kvstash') && !e.name.startsWith('.'))
       .sort((a, b) => (a.name < b.name ? 1 : a.name > b.name ? -1 : 0))
       .map((e) => ({ file: path.join(this.checkpointDir, e.name), regular: e.isFile() }));
-  }
-
-  private systemMessages(): ChatMessage[] {
-    const { system, tools } = this.meta;
-    if (system === undefined && tools === undefined) return [];
-    const toolText = tools === undefined ? '' : `${system ? '\n\n' : ''}# Tools\n\n${typeof tools === 'string' ? tools : JSON.stringify(tools, null, 2)}`;
-    return [{ role: 'system', content: `${system ?? ''}${toolText}` }];
-  }
-
-  private render(messages: ChatMessage[], addAssistant: boolean): string {
-    return this.context.model.applyChatTemplate(messages, { addAssistant, ...(this.meta.template !== undefined ? { template: this.meta.template } : {}) });
-  }
-
-  private tokenize(text: string): Int32Array {
-    return this.context.model.tokenize(text, { special: true });
-  }
-
-  /**
-   * The canonical tokens of the system prefix (unless `withPrefix` is false) and `messages`: each
-   * message rendered as the template's increment over the ones before it and tokenized on its own,
-   * so a message has the same tokens whatever follows it.
-   */
-  private canonicalTokens(messages: ChatMessage[], addAssistant: boolean, withPrefix = true): Int32Array {
-    const system = this.systemMessages();
-    const parts: Int32Array[] = withPrefix ? [this.prefixTokens] : [];
-    let rendered = system.length > 0 ? this.render(system, false) : '';
-    const all = [...system];
-    for (const message of messages) {
-      all.push(message);
-      const next = this.render(all, false);
-      // A template that rewrites earlier messages in context cannot be split: fall back to one piece.
-      if (!next.startsWith(rendered)) return this.wholeTokens(messages, addAssistant, withPrefix);
-      parts.push(this.tokenize(next.slice(rendered.length)));
-      rendered = next;
-    }
-    if (addAssistant) {
-      const withHeader = this.render(all, true);
-      if (!withHeader.startsWith(rendered)) return this.wholeTokens(messages, addAssistant, withPrefix);
-      parts.push(this.tokenize(withHeader.slice(rendered.length)));
-    }
-    return concat(parts);
-  }
-
-  private wholeTokens(messages: ChatMessage[], addAssistant: boolean, withPrefix: boolean): Int32Array {
-    const system = this.systemMessages();
-    const prefixText = system.length > 0 ? this.render(system, false) : '';
-    const text = this.render([...system, ...messages], addAssistant);
-    const rest = this.tokenize(text.startsWith(prefixText) ? text.slice(prefixText.length) : text);
-    return withPrefix ? concat([this.prefixTokens, rest]) : rest;
+    return this.backend.newestFirst(byName);
   }
 
   private requireOpen(): void {
@@ -644,14 +477,4 @@ function sessionDir(options: { dir: string; id: string }): string {
     throw new RangeError('id must be 1-128 letters, digits, dots, dashes or underscores, not starting with a dot');
   }
   return path.join(path.resolve(options.dir), options.id);
-}
-
-function concat(parts: Int32Array[]): Int32Array {
-  const out = new Int32Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
