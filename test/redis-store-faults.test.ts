@@ -3,33 +3,24 @@
 // timeouts: the problem is reported, the prompt is evaluated, and the store is used again once
 // Redis is back. Every restore that does happen equals a cold prefill.
 import t, { type Test } from 'tap';
-import { loadModel, PromptCache, RedisStore, type CacheProblem, type Model } from '../lib/index.js';
+import { loadModel, PromptCache, RedisStore, type Model } from '../lib/index.js';
 import { bitIdentical, promptTokens, tinyModel } from './helpers/fixtures.js';
+import { coldLogitsOf, problemsOf } from './helpers/cold-logits.js';
 import { freePort, RedisServer } from './helpers/redis-server.js';
 
 let model: Model;
 let prefix: Int32Array;
 let prompt: Int32Array;
-const cold = new Map<string, Float32Array>();
+let coldLogits: ReturnType<typeof coldLogitsOf>;
 
 t.before(async () => {
   model = await loadModel(await tinyModel());
+  coldLogits = coldLogitsOf(model);
   prefix = promptTokens(model, 300, 61);
   prompt = new Int32Array([...prefix, ...promptTokens(model, 20, 62)]);
 });
 t.teardown(() => model.dispose());
 
-async function coldLogits(tokens: Int32Array, split: number): Promise<Float32Array> {
-  const id = `${split}:${tokens.join(',')}`;
-  if (cold.has(id)) return cold.get(id)!;
-  const context = await model.createContext({ contextSize: 1024 });
-  if (split > 0) await context.decode(tokens.subarray(0, split), { logits: 'none' });
-  await context.decode(tokens.subarray(split), { start: split });
-  const logits = context.logits();
-  await context.dispose();
-  cold.set(id, logits);
-  return logits;
-}
 
 /** A restore then the rest of the prompt, as generation does it; the logits must be a cold prefill's. */
 async function generateWith(t: Test, cache: PromptCache, tokens: Int32Array, what: string) {
@@ -53,11 +44,6 @@ async function warm(cache: PromptCache, tokens: Int32Array): Promise<void> {
   await context.dispose();
 }
 
-function problemsOf(cache: PromptCache): CacheProblem[] {
-  const problems: CacheProblem[] = [];
-  cache.on('problem', (p: CacheProblem) => problems.push(p));
-  return problems;
-}
 
 /** Sets maxmemory to what the server uses now plus room for `entries` entries of ENTRY_TOKENS
  * tokens (measured: the second of two written, then removed). */

@@ -5,18 +5,20 @@ import { spawn } from 'node:child_process';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { createClient } from 'redis';
-import { loadModel, PromptCache, RedisStore, KvstashError, type CacheProblem, type Model } from '../lib/index.js';
+import { loadModel, PromptCache, RedisStore, KvstashError, type Model } from '../lib/index.js';
 import { bitIdentical, promptTokens, tinyModel } from './helpers/fixtures.js';
+import { coldLogitsOf, problemsOf } from './helpers/cold-logits.js';
 import { RedisServer } from './helpers/redis-server.js';
 
 let model: Model;
 let server: RedisServer;
 let prefix: Int32Array;
 let prompt: Int32Array;
-const cold = new Map<string, Float32Array>();
+let coldLogits: ReturnType<typeof coldLogitsOf>;
 
 t.before(async () => {
   model = await loadModel(await tinyModel());
+  coldLogits = coldLogitsOf(model);
   server = await RedisServer.start();
   prefix = promptTokens(model, 300, 51);
   prompt = new Int32Array([...prefix, ...promptTokens(model, 20, 52)]);
@@ -26,19 +28,6 @@ t.teardown(async () => {
   await model.dispose();
 });
 
-/** Logits of a cold prefill of `tokens` in two batches, [0, split) and the rest: what a restore of
- * `split` tokens followed by the rest computes (batch boundaries change the floating-point sums). */
-async function coldLogits(tokens: Int32Array, split = 0): Promise<Float32Array> {
-  const id = `${split}:${tokens.join(',')}`;
-  if (cold.has(id)) return cold.get(id)!;
-  const context = await model.createContext({ contextSize: 1024 });
-  if (split > 0) await context.decode(tokens.subarray(0, split), { logits: 'none' });
-  await context.decode(tokens.subarray(split), { start: split });
-  const logits = context.logits();
-  await context.dispose();
-  cold.set(id, logits);
-  return logits;
-}
 
 /** Restores what the cache has of `tokens`, evaluates the rest; the last token's logits. */
 async function restoredLogits(cache: PromptCache, tokens: Int32Array) {
@@ -59,11 +48,6 @@ function storeFor(t: Test, options: Partial<ConstructorParameters<typeof RedisSt
   return store;
 }
 
-function problemsOf(cache: PromptCache): CacheProblem[] {
-  const problems: CacheProblem[] = [];
-  cache.on('problem', (p: CacheProblem) => problems.push(p));
-  return problems;
-}
 
 async function warmInto(cache: PromptCache, tokens: Int32Array): Promise<string> {
   const context = await model.createContext({ contextSize: 1024 });

@@ -479,16 +479,19 @@ export class PromptCache extends EventEmitter {
         break;
       }
       case 'store': {
-        const bytes = await this.store!.get(candidate.key!);
-        if (!bytes) throw new KvstashError('E_CACHE_CORRUPT', `the store no longer holds entry ${candidate.key}`);
-        const { entry, payload } = await decodeEntry(`store:${candidate.key}`, bytes);
+        const store = this.store!;
+        // A store that verifies what it fetches (RedisStore, part by part against the entry's
+        // checksums) hands over its verdict; other stores' bytes are verified here.
+        const fetched = store.getVerified ? await store.getVerified(candidate.key!) : await store.get(candidate.key!);
+        if (!fetched) throw new KvstashError('E_CACHE_CORRUPT', `the store no longer holds entry ${candidate.key}`);
+        const { bytes, entry, payload } = Buffer.isBuffer(fetched) ? { bytes: fetched, ...(await decodeEntry(`store:${candidate.key}`, fetched)) } : fetched;
         const reason = mismatchReason(entry.header, contextIdentity(context));
         if (reason) throw new KvstashError('E_CACHE_MISMATCH', `store entry ${entry.key} was not loaded: ${reason}`);
         await context.exclusive(() => memory.remove(sequence));
         await context.importState(payload, { sequence, tokens: entry.header.tokenCount });
         // A copy: the store's Buffer is not ours to keep (a store may reuse it), and bytes in RAM
         // are never checked again.
-        this.putRam(entry.key, entry.header, Buffer.from(payload));
+        if (payload.length <= this.maxRamBytes) this.putRam(entry.key, entry.header, Buffer.from(payload));
         if (this.disk) this.track(this.disk.put(entry.key, bytes));
         break;
       }

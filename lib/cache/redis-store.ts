@@ -201,6 +201,13 @@ export class RedisStore extends EventEmitter implements CacheStore {
   }
 
   async get(key: string): Promise<Buffer | undefined> {
+    return (await this.getVerified(key))?.bytes;
+  }
+
+  /** The entry, fetched and verified: every chunk against its digest, head and tail against the
+   * manifest. Undefined when absent; E_CACHE_CORRUPT (after deleting it) when a part is missing
+   * or damaged; E_STORE_UNAVAILABLE when Redis cannot answer in time. */
+  async getVerified(key: string): Promise<{ bytes: Buffer; entry: EntryFile; payload: Buffer } | undefined> {
     let manifest = this.manifests.get(key);
     if (!manifest) {
       const bytes = (await this.command(['GET', this.manifestKey(key)], 'fetch')) as Buffer | null;
@@ -219,10 +226,11 @@ export class RedisStore extends EventEmitter implements CacheStore {
         manifest = await this.rememberOrDrop(key, fetched.manifest);
         continue;
       }
+      let verified;
       try {
         if (fetched.missing >= 0) throw corruptPart(key, `part ${fetched.missing} is missing (evicted or expired)`);
-        const { entry } = await decodeEntry(`redis:${key}`, fetched.bytes);
-        const { payloadOffset, checkedLength } = entry;
+        verified = await decodeEntry(`redis:${key}`, fetched.bytes);
+        const { payloadOffset, checkedLength } = verified.entry;
         if (!fetched.bytes.subarray(0, payloadOffset).equals(manifest.head) || !fetched.bytes.subarray(checkedLength).equals(manifest.tail)) {
           throw corruptPart(key, 'its parts do not belong to its manifest');
         }
@@ -232,7 +240,7 @@ export class RedisStore extends EventEmitter implements CacheStore {
         throw err;
       }
       void this.refresh(key, manifest).catch(() => undefined);
-      return fetched.bytes;
+      return { bytes: fetched.bytes, ...verified };
     }
   }
 

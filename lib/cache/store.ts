@@ -42,6 +42,9 @@ export interface CacheStore {
    * this way in a round trip or two whatever the number of entries; without it, list() is used.
    */
   match?(identity: EntryIdentity, tokens: Int32Array): Promise<StoredEntry[]>;
+  /** Optional: get() for a store that verifies every chunk of what it fetches (decodeEntry): the
+   * entry parsed, its payload, and the bytes, so the caller need not verify them again. */
+  getVerified?(key: string): Promise<{ bytes: Buffer; entry: EntryFile; payload: Buffer } | undefined>;
 }
 
 export interface ScannedFile {
