@@ -8,6 +8,7 @@ import { performance } from 'node:perf_hooks';
 import t, { type Test } from 'tap';
 import {
   evaluateServerTargets,
+  loadRequest,
   percentile,
   runRound,
   ServerBenchError,
@@ -31,6 +32,11 @@ async function fakeServer(t: Test, options: { gate?: Promise<void>; onFirstConte
     req.setEncoding('utf8');
     req.on('data', (c: string) => (raw += c));
     req.on('end', async () => {
+      if (req.url === '/v1/completions') {
+        received.push({ body: JSON.parse(raw) });
+        res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"text_completion","choices":[{"text":"x"}]}');
+        return;
+      }
       const body = JSON.parse(raw) as Received['body'];
       received.push({ body });
       const question = body.messages[1]!.content;
@@ -102,6 +108,13 @@ t.test('streamChat: a failing server is a ServerBenchError that says why', async
   await t.rejects(streamChat(url, request('error event')), { name: 'ServerBenchError', message: /error event: died mid-stream/ });
   await t.rejects(streamChat(url, request('no usage')), { name: 'ServerBenchError', message: /without usage/ });
   t.ok(new ServerBenchError('x') instanceof Error);
+});
+
+t.test('loadRequest: one raw completion of one token', async (t) => {
+  const { url, received } = await fakeServer(t);
+  const took = await loadRequest(url, 'm');
+  t.ok(took > 0);
+  t.same(received, [{ body: { model: 'm', prompt: 'Hi', max_tokens: 1, temperature: 0 } }]);
 });
 
 t.test('runRound and summarizeRounds: every client counted, output tokens summed exactly', async (t) => {
@@ -181,6 +194,7 @@ t.test('targets: ratios of the two servers, met or not, and not measured without
     warmTtftMs: warm,
     warmTtft: { median: warm, min: warm, max: warm, values: [warm] },
     restartCachedTokens: null,
+    loadRequestMs: 1,
     levels,
     promptTokens: 2050,
     completionTokensPerRequest: [],

@@ -29,7 +29,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { PromptCache } from '../cache/prompt-cache.js';
-import { generate } from '../generate/generate.js';
+import { generate, type GenerationResult } from '../generate/generate.js';
 import { loadModel, type Model } from '../llama/model.js';
 import type { SyntheticShapeName, SyntheticWeightType } from '../models/synthetic.js';
 import { systemInfo } from '../system.js';
@@ -143,7 +143,9 @@ export class ServerBenchError extends Error {
   override name = 'ServerBenchError';
 }
 
-const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+// A connection per request: llama-server closes idle keep-alive connections in a way a reused
+// socket meets as "socket hang up", and a fresh local connection costs both servers the same.
+const agent = false;
 
 /**
  * POSTs a streaming chat completion and reads its SSE stream to the end: what an OpenAI client sees,
@@ -264,6 +266,22 @@ export function streamChat(baseUrl: string, request: ChatRequest, signal?: Abort
         res.on('error', (err) => reject(new ServerBenchError(`${url.href}: ${err.message}`)));
       },
     );
+    req.on('error', (err) => reject(new ServerBenchError(`${url.href}: ${err.message}`)));
+    req.end(body);
+  });
+}
+
+/** A non-streamed one-token raw completion (loads the model on a server that loads on first use): its duration. Unit: ms. */
+export function loadRequest(baseUrl: string, model: string, signal?: AbortSignal): Promise<number> {
+  const body = JSON.stringify({ model, prompt: 'Hi', max_tokens: 1, temperature: 0 });
+  const url = new URL('/v1/completions', baseUrl);
+  const startedAt = performance.now();
+  return new Promise((resolve, reject) => {
+    const req = http.request(url, { method: 'POST', agent, signal, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      let text = '';
+      res.setEncoding('utf8').on('data', (c: string) => (text += c));
+      res.on('end', () => (res.statusCode === 200 ? resolve(performance.now() - startedAt) : reject(new ServerBenchError(`${url.href} answered ${res.statusCode}: ${text.slice(0, 500)}`))));
+    });
     req.on('error', (err) => reject(new ServerBenchError(`${url.href}: ${err.message}`)));
     req.end(body);
   });
@@ -479,6 +497,8 @@ export interface ServerSideResult {
   warmTtftMs: number;
   warmTtft: Samples;
   restartCachedTokens: number | null;
+  /** The one-token completion sent after the restart to load the model, before the first chat request. Unit: ms. */
+  loadRequestMs: number;
   levels: Array<{
     clients: number;
     firstRound: LevelSummary & { ttfts: number[]; cachedTokens: Array<number | null> };
@@ -586,6 +606,9 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
         side.result.completionTokensPerRequest.push(cold.completionTokens);
         await side.server.stop();
         await ui.status(`[${side.result.name}] Restarting`, () => side.server.start(signal));
+        // kvstash loads a model on its first request, llama-server before /health says 200: a one-token
+        // raw completion loads it, so the chat request after it measures the prompt cache, not the load.
+        side.result.loadRequestMs = await loadRequest(side.server.url, modelId, signal);
         const first = await ui.status(`[${side.result.name}] First request after the restart`, () => streamChat(side.server.url, request('restart', 0), signal));
         side.result.restartTtftMs = first.ttftMs;
         side.result.restartCachedTokens = first.cachedTokens;
@@ -720,11 +743,23 @@ async function measureOverhead(
     for (let pair = 1; pair <= config.overheadPairs; pair++) {
       signal.throwIfAborted();
       const same = request('overhead', pair);
-      const viaHttp = await streamChat(url, same, signal);
+      const overHttp = () => streamChat(url, same, signal);
+      const inProcess = async () => {
+        await context.exclusive(() => context.memory.remove(1));
+        return generate(context, { system: same.system, messages: [{ role: 'user', content: same.question }], cache, sequence: 1, maxTokens: config.maxTokens }).result;
+      };
+      // Alternate which goes first, so a drift of the machine's load favours neither.
+      let viaHttp: StreamedResponse;
+      let viaLibrary: GenerationResult;
+      if (pair % 2 === 1) {
+        viaHttp = await overHttp();
+        viaLibrary = await inProcess();
+      } else {
+        viaLibrary = await inProcess();
+        viaHttp = await overHttp();
+      }
       server.push(viaHttp.ttftMs);
       serverKvstash.push(viaHttp.kvstash);
-      await context.exclusive(() => context.memory.remove(1));
-      const viaLibrary = await generate(context, { system: same.system, messages: [{ role: 'user', content: same.question }], cache, sequence: 1, maxTokens: config.maxTokens }).result;
       if (viaLibrary.promptTokens !== viaHttp.promptTokens) {
         throw new ServerBenchError(`not the same request: the server counted ${viaHttp.promptTokens} prompt tokens, generate() ${viaLibrary.promptTokens}`);
       }

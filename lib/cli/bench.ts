@@ -5,6 +5,7 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from '../bench/bench.js';
+import { runRedisBenchCommand } from './bench-redis.js';
 import { runServerBench, SERVER_FULL_CONFIG, SERVER_QUICK_CONFIG, type ServerBenchReport, type ServerName } from '../bench/server.js';
 import { userCacheDir } from '../util/paths.js';
 import { UsageError } from './errors.js';
@@ -29,6 +30,8 @@ const BENCH_FLAGS = {
     help: "Instead: kvstash's OpenAI-compatible server beside llama.cpp's llama-server (built once from the pinned tree), over HTTP with streaming",
   },
   'servers': { type: 'string', value: 'list', help: 'With --server: which servers to run, comma-separated. Default llama-server,kvstash' },
+  redis: { type: 'boolean', help: 'Instead: RedisStore over loopback (a redis-server started for it): restore from Redis vs the disk tier vs a cold prefill vs a plain GET, lookup at 10,000 entries' },
+  'redis-url': { type: 'string', value: 'url', help: 'With --redis: measure this Redis instead of starting one' },
 } as const satisfies FlagSpecs;
 
 export const benchCommand: Command<typeof BENCH_FLAGS> = {
@@ -41,6 +44,7 @@ async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { s
   const quick = flags.quick === true;
   if (flags.server === true) return runServerBenchCommand(flags, signal);
   const types = parseTypes(flags.types);
+  if (flags.redis === true) return runRedisBenchCommand(flags, signal, types[0]!);
   const base = quick ? QUICK_CONFIG : FULL_CONFIG;
   const config = { ...base, repetitions: flags.repetitions ?? base.repetitions, threads: flags.threads ?? base.threads };
   const report = await runBench({
@@ -101,7 +105,8 @@ export function renderServerReport(report: ServerBenchReport): string {
     });
   const rows: string[][] = [
     ['cold request TTFT', ...get((s) => s.coldTtftMs, 'ms')],
-    ['first request after a restart, TTFT', ...get((s) => s.restartTtftMs, 'ms')],
+    ['after a restart: 1-token completion that loads the model', ...get((s) => s.loadRequestMs, 'ms')],
+    ['first chat request after a restart, TTFT', ...get((s) => s.restartTtftMs, 'ms')],
     ['warm single request, TTFT (median)', ...get((s) => s.warmTtftMs, 'ms')],
   ];
   for (const clients of config.concurrency) {
