@@ -118,7 +118,11 @@ t.test('user text full of SQL and FTS syntax is stored and searched literally', 
   t.same(contents(await memory.search('AND', { mode: 'keyword' })).sort(), [NASTY[0], NASTY[2]], 'the word, whatever its case');
   t.same(contents(await memory.search('secret', { mode: 'keyword' })), [NASTY[3]]);
   for (const nothing of ['"', '*', ';', '""', "'", ')(', '   ', '']) t.same(await memory.search(nothing, { mode: 'keyword' }), [], `no words: ${JSON.stringify(nothing)}`);
-  t.equal((await memory.stats()).turns, NASTY.length + 1, 'no statement was injected');
+  // No word at all: stored, its (zero) vector left out of the index, searches still answer.
+  await memory.add({ sessionId: 'x', role: 'user', content: '*** ;;; --- "" \'\'' });
+  t.same(await memory.search('*** ;;;', { mode: 'vector' }), []);
+  t.equal((await memory.search('ordinary', { mode: 'vector' }))[0]?.content, 'an ordinary sentence about nothing');
+  t.equal((await memory.stats()).turns, NASTY.length + 2, 'no statement was injected');
 });
 
 t.test('summaries: one per session, replaced, searchable as their own tier', async (t) => {
@@ -291,9 +295,11 @@ t.test('two processes on one database: each sees the other\'s writes and deletes
   t.equal(await ask({ op: 'add', sessionId: 'p2', role: 'user', content: 'the child wrote about beta pictoris', turn: 0 }), 2);
   t.same(contents(await memory.search('beta pictoris', { mode: 'vector', limit: 1 })), ['the child wrote about beta pictoris'], 'the parent caught up');
   t.same(contents(await memory.search('beta pictoris', { mode: 'keyword' })), ['the child wrote about beta pictoris']);
+  t.match(await ask({ op: 'stats' }), { turns: 2, vectors: 2 });
   await memory.forget({ ids: [1] });
-  const after = (await ask({ op: 'search', query: 'alpha centauri', mode: 'vector' })) as MemoryHit[];
-  t.same(contents(after), ['the child wrote about beta pictoris'], 'the child rebuilt its index after the delete');
+  const after = (await ask({ op: 'search', query: 'wrote about', mode: 'vector' })) as MemoryHit[];
+  t.same(contents(after), ['the child wrote about beta pictoris']);
+  t.match(await ask({ op: 'stats' }), { turns: 1, vectors: 1 }, 'the child rebuilt its index after the delete');
   child.stdin.end();
   await new Promise((resolve) => child.on('exit', resolve));
 
@@ -328,7 +334,7 @@ function runWriter(file: string, session: string, count: number, batch: number, 
 
 t.test('SIGKILL while archiving loses no acknowledged row and leaves no half batch', async (t) => {
   const file = path.join(t.testdir(), 'm.db');
-  for (const killAfterAcks of [1, 7, 23]) {
+  for (const killAfterAcks of [1, 9]) {
     const session = `killed${killAfterAcks}`;
     const { done } = runWriter(file, session, 100_000, 25, killAfterAcks);
     const result = await done;

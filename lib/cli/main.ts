@@ -10,6 +10,7 @@ import { benchCommand } from './bench.js';
 import { chatCommand } from './chat.js';
 import { demoCommand } from './demo.js';
 import { inspectCommand, lsCommand, rmCommand, verifyCommand } from './entries.js';
+import { memoryCommand } from './memory.js';
 import { CommandFailure, UsageError } from './errors.js';
 import { serveCommand } from './serve.js';
 import { warmCommand } from './warm.js';
@@ -73,6 +74,7 @@ const COMMANDS: Readonly<Record<string, Command>> = {
   verify: verifyCommand,
   rm: rmCommand,
   serve: serveCommand,
+  memory: memoryCommand,
   help: helpCommand,
 };
 

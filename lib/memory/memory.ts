@@ -10,11 +10,12 @@
  */
 import { statSync } from 'node:fs';
 import { KvstashError } from '../errors.js';
-import { BruteForceIndex, normalizeInPlace, type VectorHit, type VectorSearcher } from './brute-force.js';
+import { normalizeInPlace } from './brute-force.js';
 import { blobBytes, databaseError, openDatabase, type SqlDatabase, type SqlStatement, type SqlValue } from './driver.js';
 import { literalFtsQuery } from './fts-query.js';
 import { reciprocalRankFusion } from './fusion.js';
 import { ensureSchema } from './schema.js';
+import { VectorIndex, type VectorHit } from './vector-index.js';
 
 /** Turns texts into vectors, one per text, all of one dimension (model.embed has this shape). */
 export type EmbedFunction = (texts: string[]) => Promise<Float32Array[]>;
@@ -158,8 +159,6 @@ export interface MemoryStats {
   /** Rows with a vector in the in-memory index. */
   vectors: number;
   dimension: number | null;
-  /** 'native' (VectorIndex, SIMD scan) or 'js' (BruteForceIndex). */
-  vectorIndex: 'native' | 'js';
   /** The database file and its WAL, in bytes. */
   fileBytes: number;
 }
@@ -175,27 +174,6 @@ interface EntryRow {
   metadata: string | null;
 }
 
-type IndexFactory = (dim: number) => VectorSearcher;
-
-let nativeIndexFactory: IndexFactory | null | undefined;
-/** The native SIMD index when this build has it, else the JavaScript scan (same results, slower). */
-function vectorIndexFactory(): { factory: IndexFactory; kind: 'native' | 'js' } {
-  if (nativeIndexFactory === undefined) {
-    nativeIndexFactory = null;
-    try {
-      const mod = require('./vector-index.js') as { VectorIndex?: new (dim: number) => VectorSearcher };
-      const VectorIndex = mod.VectorIndex;
-      if (VectorIndex) {
-        new VectorIndex(4); // the native part may be missing from an old binary: find out now
-        nativeIndexFactory = (dim) => new VectorIndex(dim);
-      }
-    } catch {
-      nativeIndexFactory = null;
-    }
-  }
-  return nativeIndexFactory ? { factory: nativeIndexFactory, kind: 'native' } : { factory: (dim) => new BruteForceIndex(dim), kind: 'js' };
-}
-
 const DAY_MS = 86_400_000;
 const MAX_LIMIT = 1000;
 
@@ -209,8 +187,7 @@ export class Memory {
   private closed = false;
   private closing: Promise<void> | undefined;
   private dimension: number | null;
-  private index: VectorSearcher | undefined;
-  private indexKind: 'native' | 'js' = 'js';
+  private index: VectorIndex | undefined;
   /** The highest entry id whose vector the index has seen (ids only grow: AUTOINCREMENT). */
   private indexedThrough = 0;
   /** The meta 'deletes' counter the index reflects; another value means rows vanished: rebuild. */
@@ -384,26 +361,30 @@ export class Memory {
       if (mode !== 'keyword' && this.embedFn && /\S/.test(query)) {
         const [queryVector] = (await this.embedTexts([query]))!;
         if (this.closed) throw closedError();
+        if (queryVector!.every((x) => x === 0)) return this.finishSearch(mode === 'vector' ? [] : keyword, mode, limit, filter);
         // A vector that shares nothing with the query (cosine <= 0) is no evidence of relevance.
         vector = this.vectorSearch(normalizeInPlace(queryVector!), filter, candidates).filter((hit) => hit.score > 0);
       }
-      let ranked: VectorHit[];
-      if (mode === 'keyword') ranked = keyword;
-      else if (mode === 'vector') ranked = vector;
-      else {
-        const fused = reciprocalRankFusion([keyword.map((h) => h.id), vector.map((h) => h.id)]);
-        ranked = [...fused].map(([id, score]) => ({ id, score })).sort((a, b) => b.score - a.score || a.id - b.id);
-      }
-      ranked = ranked.slice(0, limit);
-      const rows = this.rowsById(ranked.map((h) => h.id));
-      const hits: MemoryHit[] = [];
-      for (const { id, score } of ranked) {
-        const row = rows.get(id);
-        if (!row) continue; // forgotten by another process between the ranking and this read
-        hits.push(toHit(row, score, filter.tierOf(row)));
-      }
-      return hits;
+      return this.finishSearch(mode === 'keyword' ? keyword : vector, mode, limit, filter, keyword);
     });
+  }
+
+  /** Fuses (hybrid) or takes the one ranking, then reads the rows of the best `limit`. */
+  private finishSearch(list: VectorHit[], mode: MemorySearchMode, limit: number, filter: SearchFilter, keyword: VectorHit[] = []): MemoryHit[] {
+    let ranked = list;
+    if (mode === 'hybrid') {
+      const fused = reciprocalRankFusion([keyword.map((h) => h.id), list === keyword ? [] : list.map((h) => h.id)]);
+      ranked = [...fused].map(([id, score]) => ({ id, score })).sort((a, b) => b.score - a.score || a.id - b.id);
+    }
+    ranked = ranked.slice(0, limit);
+    const rows = this.rowsById(ranked.map((h) => h.id));
+    const hits: MemoryHit[] = [];
+    for (const { id, score } of ranked) {
+      const row = rows.get(id);
+      if (!row) continue; // forgotten by another process between the ranking and this read
+      hits.push(toHit(row, score, filter.tierOf(row)));
+    }
+    return hits;
   }
 
   /** Removes a session's memory, chosen rows, or what is older than a time. */
@@ -521,7 +502,6 @@ export class Memory {
         checkpointBytes: Number(checkpoints.b),
         vectors: this.index?.size ?? 0,
         dimension: this.dimension,
-        vectorIndex: this.index ? this.indexKind : vectorIndexFactory().kind,
         fileBytes,
       };
     });
@@ -704,9 +684,7 @@ export class Memory {
     this.ownWrites = false;
     const deletes = String(this.read(() => this.statement("SELECT value FROM meta WHERE key = 'deletes'").get()!.value));
     if (!this.index || deletes !== this.indexedDeletes) {
-      const { factory, kind } = vectorIndexFactory();
-      this.index = factory(this.dimension);
-      this.indexKind = kind;
+      this.index = new VectorIndex(this.dimension);
       this.indexedThrough = 0;
       this.indexedDeletes = deletes;
     }
@@ -714,12 +692,18 @@ export class Memory {
     for (;;) {
       const rows = this.read(() => statement.all(this.namespace, this.indexedThrough));
       if (rows.length === 0) break;
-      const ids = rows.map((row) => Number(row.id));
-      this.index.addMany(
-        ids,
-        rows.map((row) => bytesVector(row.vector)),
-      );
-      this.indexedThrough = ids[ids.length - 1]!;
+      const ids: number[] = [];
+      const vectors: Float32Array[] = [];
+      for (const row of rows) {
+        const vector = bytesVector(row.vector);
+        // A text with nothing to embed can get a zero vector: it is like nothing, so not indexed.
+        if (vector.some((x) => x !== 0)) {
+          ids.push(Number(row.id));
+          vectors.push(vector);
+        }
+      }
+      this.index.addMany(ids, vectors);
+      this.indexedThrough = Number(rows[rows.length - 1]!.id);
     }
   }
 
@@ -734,6 +718,9 @@ export class Memory {
     }
     if (!Array.isArray(vectors) || vectors.length !== texts.length || vectors.some((v) => !(v instanceof Float32Array) || v.length === 0)) {
       throw new KvstashError('E_MEMORY_EMBED', `the embed function must resolve with one non-empty Float32Array per text (${texts.length} asked)`);
+    }
+    if (vectors.some((v) => v.some((x) => !Number.isFinite(x)))) {
+      throw new KvstashError('E_MEMORY_EMBED', 'the embed function returned a vector with NaN or infinite elements: the model is broken or its output overflowed');
     }
     const dim = vectors[0]!.length;
     if (vectors.some((v) => v.length !== dim) || (this.dimension !== null && dim !== this.dimension)) {

@@ -5,7 +5,8 @@
  *                                            `acked <lastTurn>` after each batch resolved
  *   search <db> <query> <mode>               prints the search's results as one JSON line
  *   serve <db>                               reads commands from stdin (one JSON per line:
- *                                            {op: 'search', query, mode} | {op: 'add', ...input}),
+ *                                            {op: 'search', query, mode} | {op: 'stats'} |
+ *                                            {op: 'add', ...input}),
  *                                            answers each with one JSON line
  */
 import readline from 'node:readline';
@@ -32,6 +33,7 @@ async function main(): Promise<void> {
     for await (const line of readline.createInterface({ input: process.stdin })) {
       const request = JSON.parse(line) as { op: string; query?: string; mode?: 'hybrid'; [key: string]: unknown };
       if (request.op === 'search') process.stdout.write(`${JSON.stringify(await memory.search(request.query!, { mode: request.mode!, limit: 5 }))}\n`);
+      else if (request.op === 'stats') process.stdout.write(`${JSON.stringify(await memory.stats())}\n`);
       else if (request.op === 'add') process.stdout.write(`${JSON.stringify(await memory.add(request as never))}\n`);
     }
   }
