@@ -36,6 +36,8 @@ export type KvstashErrorCode =
   | 'E_RKLLM_UNAVAILABLE' // librkllmrt.so or one of its symbols is missing
   | 'E_RKLLM_CALL' // an RKLLM call returned an error
   | 'E_RKLLM_VERSION' // librkllmrt.so speaks another ABI than the declared runtimeVersion, or an unknown one
+  | 'E_STORE_UNAVAILABLE' // a shared store (Redis) could not be reached or did not answer in time: the cache falls back to prefill
+  | 'E_STORE_CLIENT_MISSING' // the optional client package a store needs (redis) is not installed
   | 'E_MEMORY_DRIVER_MISSING' // Memory's SQLite driver (the optional libsql package) is not installed for this platform
   | 'E_MEMORY_DB' // the memory database cannot be opened, is not one, is from a newer kvstash, or SQLite refused a read/write
   | 'E_MEMORY_EMBED'; // the embed function failed, returned vectors of the wrong count or dimension, or vector search has none
