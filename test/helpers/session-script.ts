@@ -28,12 +28,13 @@ export function readProbe(dir: string, turn: number): Float32Array {
 }
 
 /**
- * Runs the script in a child. With `killAfter`, SIGKILLs it that many ms after it printed `ready`.
+ * Runs the script in a child (`program`: session-child.js, or another child speaking its protocol).
+ * With `killAfter`, SIGKILLs it that many ms after it printed `ready`.
  * Resolves with the turns it reported done and how long the conversation ran.
  */
-export function runChild(script: string, killAfter?: number): Promise<{ done: number; conversationMs: number }> {
+export function runChild(script: string, killAfter?: number, program = CHILD): Promise<{ done: number; conversationMs: number }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [program, script], { stdio: ['ignore', 'pipe', 'pipe'] });
     let done = 0;
     let readyAt = 0;
     let stderr = '';
