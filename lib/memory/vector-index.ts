@@ -8,7 +8,7 @@
  * scan gives (same ids, same scores, ties broken by the smaller id), at the cost of a quantized scan.
  * Without the native addon the same answer comes from a plain JS f32 scan.
  */
-import { native } from '../binding.js';
+import { native, type NativeBinding } from '../binding.js';
 import { describe, requireInteger } from '../util/validate.js';
 
 export interface VectorHit {
@@ -25,10 +25,7 @@ const QUANTIZED_SCAN_MIN_ROWS = 512;
 /** Headroom over float rounding of the quantized score (scores are O(1), f32 sums of 12-40 terms). */
 const ROUNDING_SLACK = 1e-5;
 
-interface NativeScan {
-  vectorQuantizeQ8(rows: Float32Array, count: number, stride: number, out: Uint8Array, residuals: Float32Array): void;
-  vectorScanQ8(rows: Uint8Array, count: number, stride: number, query: Float32Array, scores: Float32Array): number;
-}
+type NativeScan = Pick<NativeBinding, 'vectorQuantizeQ8' | 'vectorScanQ8'>;
 
 let scanner: NativeScan | null | undefined;
 
@@ -137,16 +134,24 @@ export class VectorIndex {
     const want = Math.min(k, this.count);
     if (want === 0) return [];
     const scan = this.count >= QUANTIZED_SCAN_MIN_ROWS ? nativeScan() : null;
-    const candidates = scan ? this.quantizedCandidates(scan, unit, want) : null;
-    const hits: VectorHit[] = [];
-    if (candidates) {
-      for (const row of candidates) hits.push({ id: this.ids[row]!, score: this.exactScore(unit, row) });
-    } else {
-      for (let row = 0; row < this.count; row++) hits.push({ id: this.ids[row]!, score: this.exactScore(unit, row) });
-    }
+    const hits = scan ? this.quantizedCandidates(scan, unit, want).map((row) => this.hit(unit, row)) : this.exactTop(unit, want);
     hits.sort(byScoreThenId);
     hits.length = want;
     return hits;
+  }
+
+  /** The rows scoring at least the k-th best exact score (ties included), by a full f32 scan. */
+  private exactTop(unit: Float32Array, k: number): VectorHit[] {
+    const scores = new Float64Array(this.count);
+    for (let row = 0; row < this.count; row++) scores[row] = this.exactScore(unit, row);
+    const floor = kthLargest(this.count, k, (row) => scores[row]!);
+    const hits: VectorHit[] = [];
+    for (let row = 0; row < this.count; row++) if (scores[row]! >= floor) hits.push({ id: this.ids[row]!, score: scores[row]! });
+    return hits;
+  }
+
+  private hit(unit: Float32Array, row: number): VectorHit {
+    return { id: this.ids[row]!, score: this.exactScore(unit, row) };
   }
 
   /**
