@@ -5,6 +5,7 @@
 #include "common/Checksum.h"
 #include "common/Errors.h"
 #include "common/FileLock.h"
+#include "common/VectorScan.h"
 #include "llama/LlamaBackend.h"
 #include "llama/LlamaContext.h"
 #include "llama/LlamaModel.h"
@@ -37,6 +38,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("quantize", Napi::Function::New<Quantize>(env, "quantize"));
   exports.Set("setErrorClass", Napi::Function::New<SetErrorClass>(env, "setErrorClass"));
   exports.Set("setLogLevel", Napi::Function::New<SetLogLevel>(env, "setLogLevel"));
+  exports.Set("vectorQuantizeQ8", Napi::Function::New<VectorQuantizeQ8>(env, "vectorQuantizeQ8"));
+  exports.Set("vectorScanQ8", Napi::Function::New<VectorScanQ8>(env, "vectorScanQ8"));
   exports.Set("systemInfo", Napi::Function::New<SystemInfo>(env, "systemInfo"));
   exports.Set("llamaCommit", Napi::String::New(env, KVSTASH_LLAMA_COMMIT));
   return exports;

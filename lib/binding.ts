@@ -69,6 +69,11 @@ export interface NativeModel {
   isEndOfGeneration(token: number): boolean;
   applyChatTemplate(template: string, messages: ReadonlyArray<{ role: string; content: string }>, addAssistant: boolean): string;
   createContext(options: NativeContextOptions): Promise<NativeContext>;
+  /** Pooled embeddings, one per token list (each 1..batchTokens tokens); E_BUSY while another runs. */
+  embed(
+    tokenLists: readonly Int32Array[],
+    options: { pooling: 'mean' | 'cls' | 'last'; normalize: boolean; batchTokens: number; threads: number },
+  ): Promise<Float32Array[]>;
   dispose(): void;
 }
 
@@ -265,6 +270,11 @@ export interface NativeBinding {
   /** Drops `fd`'s lock taken by tryLockFile. */
   unlockFile(fd: number): void;
   quantize(source: string, destination: string, type: string, threads: number): Promise<void>;
+  /** Q8_0-quantizes `count` rows of `stride` floats (stride a multiple of 32) into `out`, and
+   * writes each row's residual norm ‖x − dequant(q8(x))‖ (lib/memory/vector-index.ts). */
+  vectorQuantizeQ8(rows: Float32Array, count: number, stride: number, out: Uint8Array, residuals: Float32Array): void;
+  /** scores[i] = q8(query) · rows[i] by ggml's SIMD kernel; returns ‖query − dequant(q8(query))‖. */
+  vectorScanQ8(rows: Uint8Array, count: number, stride: number, query: Float32Array, scores: Float32Array): number;
   setErrorClass(errorClass: typeof KvstashError): void;
   setLogLevel(level: number): void;
   systemInfo(): string;

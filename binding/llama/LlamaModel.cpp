@@ -10,6 +10,7 @@
 #include "common/ProgressReporter.h"
 #include "common/PromiseWorker.h"
 #include "llama/LlamaContext.h"
+#include "llama/LlamaEmbedding.h"
 
 namespace kvstash {
 
@@ -94,6 +95,7 @@ Napi::Function LlamaModel::DefineClass(Napi::Env env) {
           InstanceMethod<&LlamaModel::IsEndOfGeneration>("isEndOfGeneration"),
           InstanceMethod<&LlamaModel::ApplyChatTemplate>("applyChatTemplate"),
           InstanceMethod<&LlamaModel::CreateContext>("createContext"),
+          InstanceMethod<&LlamaModel::Embed>("embed"),
           InstanceMethod<&LlamaModel::Dispose>("dispose"),
       });
 }
@@ -317,7 +319,23 @@ Napi::Value LlamaModel::CreateContext(const Napi::CallbackInfo& info) {
   return LlamaContext::Create(info, this);
 }
 
+Napi::Value LlamaModel::Embed(const Napi::CallbackInfo& info) {
+  RequireLive(info.Env());
+  return EmbedTokens(info, this);
+}
+
+void LlamaModel::BeginEmbedding(Napi::Env env) {
+  if (embeddingBusy_) throw MakeError(env, "E_BUSY", "embed: another embed of this model is running; await it (lib/ does)");
+  embeddingBusy_ = true;
+}
+
+void LlamaModel::FinishEmbedding(std::shared_ptr<EmbeddingContext> context) {
+  embeddingBusy_ = false;
+  if (model_) embedding_ = std::move(context);
+}
+
 Napi::Value LlamaModel::Dispose(const Napi::CallbackInfo& info) {
+  embedding_.reset();
   model_.reset();
   vocab_ = nullptr;
   return info.Env().Undefined();

@@ -10,6 +10,7 @@
 namespace kvstash {
 
 using ModelHandle = std::shared_ptr<llama_model>;
+struct EmbeddingContext;
 
 class LlamaModel : public Napi::ObjectWrap<LlamaModel> {
  public:
@@ -26,6 +27,12 @@ class LlamaModel : public Napi::ObjectWrap<LlamaModel> {
   // Throws E_DISPOSED when the model was disposed.
   void RequireLive(Napi::Env env) const;
 
+  // The embeddings protocol (main thread): one embed at a time per model (lib/ queues them; this
+  // is the last guard, E_BUSY), and the context it used is kept for the next one.
+  void BeginEmbedding(Napi::Env env);
+  void FinishEmbedding(std::shared_ptr<EmbeddingContext> context);
+  const std::shared_ptr<EmbeddingContext>& embedding() const { return embedding_; }
+
  private:
   friend class ModelLoadWorker;
   void Attach(ModelHandle model);
@@ -38,11 +45,14 @@ class LlamaModel : public Napi::ObjectWrap<LlamaModel> {
   Napi::Value IsEndOfGeneration(const Napi::CallbackInfo& info);
   Napi::Value ApplyChatTemplate(const Napi::CallbackInfo& info);
   Napi::Value CreateContext(const Napi::CallbackInfo& info);
+  Napi::Value Embed(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
 
   ModelHandle model_;
   const llama_vocab* vocab_ = nullptr;
   int32_t nVocab_ = 0;
+  std::shared_ptr<EmbeddingContext> embedding_;
+  bool embeddingBusy_ = false;
 };
 
 // Reads a token array argument and checks every id against the vocabulary: llama.cpp indexes its

@@ -6,6 +6,7 @@ import { readGgufHeader } from '../models/gguf.js';
 import { validateModelMetadata } from '../models/gguf-validate.js';
 import { describe, requireString, toInt32Array } from '../util/validate.js';
 import { Context, type ContextOptions } from './context.js';
+import { OperationQueue } from './queue.js';
 import { Sampler, type SamplingOptions } from './sampler.js';
 
 export type ModelInfo = NativeModelInfo;
@@ -29,6 +30,23 @@ export interface TokenizeOptions {
   /** Prepend BOS (and append EOS) as the model's tokenizer asks. Default: the model's own setting. */
   addSpecial?: boolean;
 }
+
+/** How the token vectors of a text become one vector: their mean, the first token's, the last token's. */
+export type EmbeddingPooling = 'mean' | 'cls' | 'last';
+
+export interface EmbedOptions {
+  /** Default: the pooling the model's GGUF declares (`<arch>.pooling_type`), else 'mean'. */
+  pooling?: EmbeddingPooling;
+  /** Scale every vector to length 1, so a dot product is the cosine similarity. Default true. */
+  normalize?: boolean;
+}
+
+const POOLINGS: readonly EmbeddingPooling[] = ['mean', 'cls', 'last'];
+/** llama.cpp's enum llama_pooling_type, as GGUF files store it. */
+const GGUF_POOLING: Record<string, EmbeddingPooling> = { '1': 'mean', '2': 'cls', '3': 'last' };
+/** Tokens one embedding decode holds at least (more when a text is longer). The context also
+ * keeps a logits row per token (llama.cpp computes them alongside), so this stays modest. */
+const EMBED_BATCH_TOKENS = 128;
 
 /**
  * Loads a GGUF model. The file is checked first (GGUF header, tensor bounds, and every
@@ -56,6 +74,7 @@ export class Model {
   /** The model's shape and special tokens. */
   readonly info: ModelInfo;
   private readonly contexts = new Set<Context>();
+  private readonly embeddings = new OperationQueue();
   private disposed = false;
 
   /** @internal Use loadModel(). */
@@ -123,6 +142,43 @@ export class Model {
     return context;
   }
 
+  /**
+   * One vector per text, from llama.cpp's embeddings: the texts are tokenized, packed into as few
+   * decodes as fit (each text its own sequence, pooled by llama.cpp) on a worker thread, in an
+   * embeddings context that the model keeps for the next call. Calls run one after another.
+   * An empty text (no tokens) is a RangeError; a text longer than the model's training context
+   * is E_CONTEXT_FULL. The vector length is `info.embeddingSize` for models without a projection.
+   */
+  async embed(texts: readonly string[], options: EmbedOptions = {}): Promise<Float32Array[]> {
+    this.requireLive();
+    if (!Array.isArray(texts)) throw new TypeError(`texts must be an array of strings, got ${describe(texts)}`);
+    if (typeof options !== 'object' || options === null) throw new TypeError(`options must be an object, got ${describe(options)}`);
+    const pooling = options.pooling ?? this.declaredPooling();
+    if (!POOLINGS.includes(pooling)) throw new RangeError(`pooling must be one of ${POOLINGS.join(', ')}, got ${describe(pooling)}`);
+    const normalize = options.normalize ?? true;
+    if (typeof normalize !== 'boolean') throw new TypeError(`normalize must be a boolean, got ${describe(normalize)}`);
+    const tokenLists = texts.map((text, i) => {
+      requireString(text, `texts[${i}]`);
+      const tokens = this.tokenize(text);
+      if (tokens.length === 0) throw new RangeError(`texts[${i}] is empty: it has no token to embed`);
+      if (tokens.length > this.info.trainedContextSize) {
+        throw new KvstashError(
+          'E_CONTEXT_FULL',
+          `texts[${i}] has ${tokens.length} tokens, more than this model's context of ${this.info.trainedContextSize}: split it before embedding`,
+        );
+      }
+      return tokens;
+    });
+    if (tokenLists.length === 0) return [];
+    const longest = Math.max(...tokenLists.map((tokens) => tokens.length));
+    const total = tokenLists.reduce((sum, tokens) => sum + tokens.length, 0);
+    const batchTokens = Math.min(this.info.trainedContextSize, roundUp(Math.max(longest, Math.min(total, EMBED_BATCH_TOKENS)), 64));
+    return this.embeddings.run(async () => {
+      this.requireLive();
+      return this.handle.embed(tokenLists, { pooling, normalize, batchTokens, threads: defaultThreads() });
+    });
+  }
+
   createSampler(options: SamplingOptions = {}): Sampler {
     this.requireLive();
     return new Sampler(options, this.info.vocabSize);
@@ -132,8 +188,14 @@ export class Model {
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
+    this.embeddings.closeWaiting(() => new KvstashError('E_DISPOSED', 'the model was disposed; load it again to use it'));
     await Promise.all([...this.contexts].map((context) => context.dispose()));
+    await this.embeddings.drain();
     this.handle.dispose();
+  }
+
+  private declaredPooling(): EmbeddingPooling {
+    return GGUF_POOLING[this.handle.metadata()[`${this.info.architecture}.pooling_type`] ?? ''] ?? 'mean';
   }
 
   private requireLive(): void {
@@ -149,6 +211,10 @@ export class Model {
     }
     return token;
   }
+}
+
+function roundUp(value: number, step: number): number {
+  return Math.ceil(value / step) * step;
 }
 
 /** Every core the process may use: llama.cpp's compute is the only heavy work in a kvstash process. */

@@ -21,7 +21,7 @@ import { qwen2VocabPath } from './vocab.js';
 // The addon loads lazily (lib/binding.ts), so f32/f16 models are written without it.
 import { quantizeModel } from '../llama/quantize.js';
 
-export type SyntheticShapeName = 'tiny' | 'qwen2-0.5b';
+export type SyntheticShapeName = 'tiny' | 'qwen2-0.5b' | 'tiny-embed';
 export type SyntheticWeightType = 'f32' | 'f16' | 'q8_0' | 'q4_k';
 
 export interface SyntheticShape {
@@ -38,6 +38,14 @@ export interface SyntheticShape {
   readonly rmsEpsilon: number;
   /** The output projection reuses token_embd (no output.weight tensor), as in Qwen2.5-0.5B. */
   readonly tiedEmbeddings: boolean;
+  /**
+   * Every block's attn_output and ffn_down weights are zero, so no block writes to the residual
+   * stream: a token's final hidden state is its own (RMS-normalized) embedding row, whatever
+   * surrounds it. Mean pooling then gives a bag-of-words vector: texts that share words are near.
+   */
+  readonly silentBlocks?: boolean;
+  /** Written as `<arch>.pooling_type` (llama.cpp's default pooling for embeddings). */
+  readonly pooling?: 'mean';
 }
 
 export const SYNTHETIC_SHAPES: Readonly<Record<SyntheticShapeName, SyntheticShape>> = Object.freeze({
@@ -65,6 +73,22 @@ export const SYNTHETIC_SHAPES: Readonly<Record<SyntheticShapeName, SyntheticShap
     ropeFreqBase: 1000000,
     rmsEpsilon: 1e-6,
     tiedEmbeddings: true,
+  }),
+  // An embedding model for tests: `tiny` with one silent block, 64-dim mean-pooled vectors. (llama.cpp
+  // computes qwen2's logits beside the embeddings, so a wider shape mostly makes tests slower.)
+  'tiny-embed': Object.freeze({
+    architecture: 'qwen2',
+    layers: 1,
+    embeddingLength: 64,
+    heads: 2,
+    kvHeads: 1,
+    feedForwardLength: 128,
+    contextLength: 4096,
+    ropeFreqBase: 1000000,
+    rmsEpsilon: 1e-6,
+    tiedEmbeddings: true,
+    silentBlocks: true,
+    pooling: 'mean',
   }),
 });
 
@@ -98,8 +122,9 @@ export interface SyntheticTensor {
   name: string;
   /** ne0 first. */
   dims: number[];
-  /** weight: random with std 0.02; norm: all 1.0; bias: small random. Norms and biases are f32. */
-  role: 'weight' | 'norm' | 'bias';
+  /** weight: random with std 0.02; zero: all 0 (a silent block's outputs); norm: all 1.0; bias:
+   * small random. Norms and biases are f32. */
+  role: 'weight' | 'zero' | 'norm' | 'bias';
 }
 
 /** The tensor table of a qwen2 model, as llama.cpp's qwen2 loader (src/models/qwen2.cpp) asks for it. */
@@ -107,6 +132,7 @@ export function syntheticTensors(shape: SyntheticShape, vocabSize: number): Synt
   const embd = shape.embeddingLength;
   const kv = (embd / shape.heads) * shape.kvHeads; // n_embd_gqa
   const ff = shape.feedForwardLength;
+  const residualWrite = shape.silentBlocks ? 'zero' : 'weight';
   const tensors: SyntheticTensor[] = [
     { name: 'token_embd.weight', dims: [embd, vocabSize], role: 'weight' },
     { name: 'output_norm.weight', dims: [embd], role: 'norm' },
@@ -122,11 +148,11 @@ export function syntheticTensors(shape: SyntheticShape, vocabSize: number): Synt
       { name: `${blk}.attn_k.bias`, dims: [kv], role: 'bias' },
       { name: `${blk}.attn_v.weight`, dims: [embd, kv], role: 'weight' },
       { name: `${blk}.attn_v.bias`, dims: [kv], role: 'bias' },
-      { name: `${blk}.attn_output.weight`, dims: [embd, embd], role: 'weight' },
+      { name: `${blk}.attn_output.weight`, dims: [embd, embd], role: residualWrite },
       { name: `${blk}.ffn_norm.weight`, dims: [embd], role: 'norm' },
       { name: `${blk}.ffn_gate.weight`, dims: [embd, ff], role: 'weight' },
       { name: `${blk}.ffn_up.weight`, dims: [embd, ff], role: 'weight' },
-      { name: `${blk}.ffn_down.weight`, dims: [ff, embd], role: 'weight' },
+      { name: `${blk}.ffn_down.weight`, dims: [ff, embd], role: residualWrite },
     );
   }
   return tensors;
@@ -218,17 +244,19 @@ function buildModel(
     [`${arch}.attention.head_count_kv`, u32(shape.kvHeads)],
     [`${arch}.rope.freq_base`, f32(shape.ropeFreqBase)],
     [`${arch}.attention.layer_norm_rms_epsilon`, f32(shape.rmsEpsilon)],
+    ...(shape.pooling === 'mean' ? [[`${arch}.pooling_type`, u32(1)] as [string, GgufTypedValue]] : []), // LLAMA_POOLING_TYPE_MEAN
     ...tokenizer.entries,
   ];
   // One scratch buffer for every chunk: writeGguf has written a chunk before it asks for the next.
   const scratch = new ArrayBuffer(CHUNK_BYTES);
   const weightType = type === 'f16' ? GgmlType.F16 : GgmlType.F32;
+  const matrix = (t: SyntheticTensor): boolean => t.role === 'weight' || t.role === 'zero';
   const tensors = syntheticTensors(shape, tokenizer.vocabSize).map(
     (t): GgufTensorSource => ({
       name: t.name,
       dims: t.dims,
-      type: t.role === 'weight' ? weightType : GgmlType.F32,
-      data: () => tensorData(t, t.role === 'weight' ? weightType : GgmlType.F32, seed, scratch),
+      type: matrix(t) ? weightType : GgmlType.F32,
+      data: () => tensorData(t, matrix(t) ? weightType : GgmlType.F32, seed, scratch),
     }),
   );
   return { metadata, tensors };
@@ -264,6 +292,7 @@ function* tensorData(t: SyntheticTensor, type: number, seed: number, scratch: Ar
   while (left > 0) {
     const n = Math.min(left, perChunk);
     if (t.role === 'norm') new Float32Array(scratch, 0, n).fill(1);
+    else if (t.role === 'zero') new Uint8Array(scratch, 0, n * elementBytes).fill(0);
     else if (type === GgmlType.F16) fillUniformF16(rng, new Uint16Array(scratch, 0, n), weightTableF16());
     else fillUniformF32(rng, new Float32Array(scratch, 0, n), t.role === 'bias' ? BIAS_HALF_RANGE : WEIGHT_HALF_RANGE);
     left -= n;

@@ -15,7 +15,7 @@ export function skipUnderEmulation(reason: string): string | false {
 
 const fixtureDir = path.join(os.tmpdir(), `kvstash-test-fixtures-${process.getuid?.() ?? 0}`);
 
-type Shape = 'tiny' | 'qwen2-0.5b';
+type Shape = 'tiny' | 'qwen2-0.5b' | 'tiny-embed';
 type WeightType = 'f16' | 'f32' | 'q8_0' | 'q4_k';
 
 export async function syntheticModel(shape: Shape, seed = 1, type: WeightType = 'f16'): Promise<string> {
@@ -28,6 +28,11 @@ export async function syntheticModel(shape: Shape, seed = 1, type: WeightType = 
 
 export function tinyModel(seed = 1, type: WeightType = 'f16'): Promise<string> {
   return syntheticModel('tiny', seed, type);
+}
+
+/** The embedding shape (lib/models/synthetic.ts): silent blocks, mean pooling, 128-dim bag-of-words vectors. */
+export function embeddingModel(seed = 1): Promise<string> {
+  return syntheticModel('tiny-embed', seed, 'f16');
 }
 
 /** A model of another shape than tiny (24 layers): big enough to load and decode visibly slowly. */
