@@ -52,6 +52,9 @@ t.test('400, 404, 405, 413, 500: shape, status, x-should-retry', async (t) => {
   t.equal(badRole.param, 'messages[0].role');
   const usageWithoutStream = await apiError(client.chat.completions.create({ model: 'tiny', messages, stream_options: { include_usage: true } } as any));
   t.equal(usageWithoutStream.param, 'stream_options');
+  t.equal((await apiError(client.chat.completions.create({ model: 'tiny', messages, n: 2 }))).param, 'n');
+  t.equal((await apiError(client.chat.completions.create({ model: 'tiny', messages, logprobs: true }))).param, 'logprobs');
+  t.equal((await apiError(client.chat.completions.create({ model: 'tiny', messages, response_format: { type: 'json_object' } }))).param, 'response_format');
 
   const tooLong = await apiError(client.chat.completions.create({ model: 'tiny', messages, max_tokens: 1000 }));
   t.equal(tooLong.status, 400);

@@ -1,23 +1,18 @@
 // The SSE writer: keep-alive comments while a long prefill produces nothing (through the server,
 // on the fake RKLLM runtime made slow), and backpressure: a reader that stops reading stops the
 // producer instead of letting the server buffer without bound (a real node:http server and socket).
-import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import t from 'tap';
 import { sendSse, type SseEvent } from '../lib/server/http.js';
-import { addFakeRkllmModel, startInProcess } from './helpers/serve.js';
+import { slowFakeRkllmModels, startInProcess } from './helpers/serve.js';
 
 const root = t.testdir();
 
 t.test('keep-alive comments during a long prefill, then the chunks and [DONE]', async (t) => {
-  const models = path.join(root, 'rk', 'models');
-  fs.mkdirSync(models, { recursive: true });
-  addFakeRkllmModel(models, 'qwen-fake');
   // 3 ms per prefilled token: a ~300-byte prompt takes about a second before the first token.
-  process.env.FAKE_RKLLM_PREFILL_US = '3000';
-  t.teardown(() => delete process.env.FAKE_RKLLM_PREFILL_US);
+  const models = slowFakeRkllmModels(t, path.join(root, 'rk'), 3000);
   const { server, url } = await startInProcess({ models, cacheDir: null, keepAliveMs: 100 });
   t.teardown(() => server.close());
   const response = await fetch(`${url}/v1/chat/completions`, {

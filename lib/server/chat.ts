@@ -167,8 +167,11 @@ function optionalBoolean(body: Body, name: string): boolean {
 /** Sampling, limits and stop strings, common to both routes. `defaultMax` applies when neither
  * max_tokens nor max_completion_tokens is given. */
 export function commonSpec(body: Body, defaultMax?: number): Pick<GenerationSpec, 'maxTokens' | 'sampling' | 'stop'> {
-  const n = optionalNumber(body, 'n', 1, 1, true);
-  void n; // only n = 1 is served; anything else was refused above
+  optionalNumber(body, 'n', 1, 1, true); // one choice per request
+  // Refused rather than ignored: a client that asks for these relies on them.
+  if (body.logprobs === true) throw invalidField('logprobs', "'logprobs' is not supported");
+  const format = (body.response_format as Body | null | undefined)?.type;
+  if (format !== undefined && format !== 'text') throw invalidField('response_format', "only 'response_format': {\"type\": \"text\"} is supported");
   const maxTokens = optionalNumber(body, 'max_completion_tokens', 1, 2 ** 31 - 1, true) ?? optionalNumber(body, 'max_tokens', 1, 2 ** 31 - 1, true) ?? defaultMax;
   const temperature = optionalNumber(body, 'temperature', 0, 2);
   const topP = optionalNumber(body, 'top_p', 0, 1);

@@ -25,6 +25,19 @@ export function addFakeRkllmModel(models: string, id = 'qwen-fake', version: Fak
   return file;
 }
 
+/**
+ * `<dir>/models` with the fake RKLLM model 'qwen-fake' whose prefill takes `prefillUs` per token
+ * (FAKE_RKLLM_PREFILL_US, restored when the test ends): a long prefill on demand.
+ */
+export function slowFakeRkllmModels(t: { teardown(fn: () => void): void }, dir: string, prefillUs: number): string {
+  const models = path.join(dir, 'models');
+  fs.mkdirSync(models, { recursive: true });
+  addFakeRkllmModel(models, 'qwen-fake');
+  process.env.FAKE_RKLLM_PREFILL_US = String(prefillUs);
+  t.teardown(() => delete process.env.FAKE_RKLLM_PREFILL_US);
+  return models;
+}
+
 export interface Running {
   server: KvstashServer;
   url: string;
