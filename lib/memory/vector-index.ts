@@ -55,6 +55,9 @@ export class VectorIndex {
   private residuals = new Float32Array(0);
   private ids = new Float64Array(0);
   private readonly rowOf = new Map<number, number>();
+  /** Per-search scratch (quantized scores, lower bounds), kept to spare a large allocation per query. */
+  private scores = new Float32Array(0);
+  private lower = new Float64Array(0);
   /** Rows [quantizedRows, count) have no Q8_0 copy yet (filled lazily by the first search). */
   private quantizedRows = 0;
 
@@ -144,7 +147,7 @@ export class VectorIndex {
   private exactTop(unit: Float32Array, k: number): VectorHit[] {
     const scores = new Float64Array(this.count);
     for (let row = 0; row < this.count; row++) scores[row] = this.exactScore(unit, row);
-    const floor = kthLargest(this.count, k, (row) => scores[row]!);
+    const floor = kthLargest(scores, k);
     const hits: VectorHit[] = [];
     for (let row = 0; row < this.count; row++) if (scores[row]! >= floor) hits.push({ id: this.ids[row]!, score: scores[row]! });
     return hits;
@@ -162,15 +165,23 @@ export class VectorIndex {
   private quantizedCandidates(scan: NativeScan, unit: Float32Array, k: number): number[] {
     this.quantizePending(scan);
     const n = this.count;
-    const scores = new Float32Array(n);
+    if (this.scores.length < n) {
+      this.scores = new Float32Array(this.capacity);
+      this.lower = new Float64Array(this.capacity);
+    }
+    const scores = this.scores;
+    const lower = this.lower.subarray(0, n);
     const query = new Float32Array(this.stride);
     query.set(unit);
     const queryResidual = scan.vectorScanQ8(this.quantized, n, this.stride, query, scores);
+    // b_i = r_i·(1 + r_q) + r_q + slack; tight loops over typed arrays (no closure per row).
     const residuals = this.residuals;
-    const bound = (row: number): number => residuals[row]! + queryResidual * (1 + residuals[row]!) + ROUNDING_SLACK;
-    const floor = kthLargest(n, k, (row) => scores[row]! - bound(row));
+    const growth = 1 + queryResidual;
+    const offset = queryResidual + ROUNDING_SLACK;
+    for (let row = 0; row < n; row++) lower[row] = scores[row]! - (residuals[row]! * growth + offset);
+    const floor = kthLargest(lower, k);
     const rows: number[] = [];
-    for (let row = 0; row < n; row++) if (scores[row]! + bound(row) >= floor) rows.push(row);
+    for (let row = 0; row < n; row++) if (scores[row]! + residuals[row]! * growth + offset >= floor) rows.push(row);
     return rows;
   }
 
@@ -264,12 +275,13 @@ function byScoreThenId(a: VectorHit, b: VectorHit): number {
   return b.score - a.score || a.id - b.id;
 }
 
-/** The k-th largest of value(0..n-1), through a size-k min-heap (k ≤ n). */
-function kthLargest(n: number, k: number, value: (i: number) => number): number {
+/** The k-th largest of `values` (k ≤ its length), through a size-k min-heap. */
+function kthLargest(values: Float64Array, k: number): number {
   const heap = new Float64Array(k);
   let size = 0;
+  const n = values.length;
   for (let i = 0; i < n; i++) {
-    const v = value(i);
+    const v = values[i]!;
     if (size < k) {
       let at = size++;
       while (at > 0) {
