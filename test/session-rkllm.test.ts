@@ -131,7 +131,7 @@ for (const version of FAKE_VERSIONS) {
     last = lastRun();
     t.equal(last.prompt, window2 + user(QUESTIONS[2]!), 'after a checkpoint the window is sent whole...');
     t.match(last.end, { cached_tokens: bytes(window2), prefill_tokens: bytes(user(QUESTIONS[2]!)), history_tokens: 0 }, '...and the runtime matches all of it');
-    t.same(session.stats(), { turns: 3, toolResults: 0, clears: 0, summaries: 0, shifts: 0, tokensDropped: 0, checkpoints: 1, checkpointFailures: 0, resumes: { checkpoint: 0, cache: 0, prefill: 0 } });
+    t.match(session.stats(), { turns: 3, toolResults: 0, clears: 0, summaries: 0, shifts: 0, tokensDropped: 0, checkpoints: 1, checkpointFailures: 0, resumes: { checkpoint: 0, cache: 0, prefill: 0 } });
     await session.close();
 
     log.clear();
@@ -332,4 +332,53 @@ t.test('prefill after a resume vs a full re-prefill, from the fake\'s statistics
   t.equal(checkpoints.length, 2);
   t.ok(fromCheckpoint.prefill < full.prefill / 3, `after a resume ${fromCheckpoint.prefill} tokens prefilled, ${full.prefill} for a full re-prefill`);
   t.comment(`RKLLM resume after 10 turns: prefilled ${fromCheckpoint.prefill} of ${full.prompt} prompt tokens (${((100 * fromCheckpoint.prefill) / full.prompt).toFixed(1)} %); full re-prefill ${full.prefill}`);
+});
+
+t.test('a torn last journal record is dropped, the rest kept (the same journal as on llama.cpp)', async (t) => {
+  const dir = t.testdir();
+  const model = await load('1.2.1', { maxContextLen: 4096, cacheDir: path.join(dir, 'cache') });
+  t.teardown(() => model.dispose());
+  const session = await Session.open({ dir, id: 't', context: model, system: SYSTEM, checkpoint: { everyTurns: 0, everySeconds: 0 } });
+  await session.send('one').result;
+  await session.send('two').result;
+  await session.close();
+  const journal = path.join(dir, 't', 'journal.kvj');
+  const whole = fs.readFileSync(journal);
+  fs.writeFileSync(journal, whole.subarray(0, whole.length - 7));
+  const resumed = await Session.resume({ dir, id: 't', context: model });
+  t.equal(resumed.history.length, 2, 'the torn exchange is gone, the first kept');
+  t.equal(resumed.history[0]!.content, 'one');
+  t.ok(resumed.resumeReport!.droppedJournalBytes > 0);
+  t.match(resumed.resumeReport, { path: 'cache', restoredTokens: bytes(sys) });
+  await resumed.send('two again').result;
+  await resumed.close();
+  const again = await Session.resume({ dir, id: 't', context: model });
+  t.same(again.history.filter((m) => m.role === 'user').map((m) => m.content), ['one', 'two again'], 'appends continue cleanly after the cut');
+  t.equal(again.resumeReport!.droppedJournalBytes, 0);
+  await again.close();
+});
+
+t.test('two sessions on one model share the system prompt cache and take turns on the runtime', async (t) => {
+  const dir = t.testdir();
+  const model = await load('1.3.0', { maxContextLen: 4096, cacheDir: path.join(dir, 'cache') });
+  t.teardown(() => model.dispose());
+  log.clear();
+  const first = await Session.open({ dir, id: 'one', context: model, system: SYSTEM, checkpoint: { everyTurns: 0, everySeconds: 0 } });
+  const second = await Session.open({ dir, id: 'two', context: model, system: SYSTEM, checkpoint: { everyTurns: 0, everySeconds: 0 } });
+  t.equal(runs().length, 1, 'the system prompt was evaluated once, for the first session');
+  t.equal(fs.readdirSync(path.join(dir, 'cache')).filter((f) => f.endsWith('.kvstash')).length, 1, 'one cache entry');
+  // Sends from both at once: the model's queue runs them one at a time, in call order.
+  const [a1, b1] = await Promise.all([first.send('from one').result, second.send('from two').result]);
+  log.clear();
+  const [a2, b2] = await Promise.all([first.send('one again').result, second.send('two again').result]);
+  const [ra, rb] = runs();
+  t.equal((ra!.run.input as { prompt: string }).prompt, sys + turn('from one', a1.text) + user('one again'), "each session's turn after the other's sends its window whole");
+  t.equal((rb!.run.input as { prompt: string }).prompt, sys + turn('from two', b1.text) + user('two again'));
+  t.match(ra!.end, { history_tokens: 0, cached_tokens: bytes(sys) }, 'from the system prompt cache, never the other history');
+  t.match(rb!.end, { history_tokens: 0, cached_tokens: bytes(sys) });
+  t.same([a2.tier, b2.tier], ['disk', 'disk']);
+  t.same(first.history.map((m) => m.content), ['from one', a1.text, 'one again', a2.text]);
+  t.same(second.history.map((m) => m.content), ['from two', b1.text, 'two again', b2.text]);
+  await first.close();
+  await second.close();
 });
