@@ -5,6 +5,7 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from '../bench/bench.js';
+import { runMemoryBenchCommand } from './bench-memory.js';
 import { runRedisBenchCommand } from './bench-redis.js';
 import { runServerBench, SERVER_FULL_CONFIG, SERVER_QUICK_CONFIG, type ServerBenchReport, type ServerName } from '../bench/server.js';
 import { userCacheDir } from '../util/paths.js';
@@ -32,6 +33,10 @@ const BENCH_FLAGS = {
   'servers': { type: 'string', value: 'list', help: 'With --server: which servers to run, comma-separated. Default llama-server,kvstash' },
   redis: { type: 'boolean', help: 'Instead: RedisStore over loopback (a redis-server started for it): restore from Redis vs the disk tier vs a cold prefill vs a plain GET, lookup at 10,000 entries' },
   'redis-url': { type: 'string', value: 'url', help: 'With --redis: measure this Redis instead of starting one' },
+  memory: {
+    type: 'boolean',
+    help: 'Instead: long-term memory (Memory on SQLite): search p50/p95 at 1k/10k/100k archived turns (keyword, vector, brute force, hybrid) and the archive rate; --quick stops at 10k',
+  },
 } as const satisfies FlagSpecs;
 
 export const benchCommand: Command<typeof BENCH_FLAGS> = {
@@ -43,6 +48,7 @@ export const benchCommand: Command<typeof BENCH_FLAGS> = {
 async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { signal: AbortSignal }): Promise<number> {
   const quick = flags.quick === true;
   if (flags.server === true) return runServerBenchCommand(flags, signal);
+  if (flags.memory === true) return runMemoryBenchCommand(flags, signal);
   const types = parseTypes(flags.types);
   if (flags.redis === true) return runRedisBenchCommand(flags, signal, types[0]!);
   const base = quick ? QUICK_CONFIG : FULL_CONFIG;

@@ -12,7 +12,7 @@ import { statSync } from 'node:fs';
 import { KvstashError } from '../errors.js';
 import { normalizeInPlace } from './brute-force.js';
 import { blobBytes, databaseError, openDatabase, type SqlDatabase, type SqlStatement, type SqlValue } from './driver.js';
-import { literalFtsQuery } from './fts-query.js';
+import { anyOfWords, queryWords, rankingWords } from './fts-query.js';
 import { reciprocalRankFusion } from './fusion.js';
 import { ensureSchema } from './schema.js';
 import { VectorIndex, type VectorHit } from './vector-index.js';
@@ -175,6 +175,8 @@ interface EntryRow {
 }
 
 const DAY_MS = 86_400_000;
+/** How many documents a keyword search may have FTS5 score (see rankingWords): ~2 ms of BM25. */
+const KEYWORD_DOCUMENT_BUDGET = 4_000;
 const MAX_LIMIT = 1000;
 
 export class Memory {
@@ -238,18 +240,7 @@ export class Memory {
       if (rows.length === 0) return [];
       const vectors = await this.embedTexts(rows.map((r) => r.content));
       return this.write(() => {
-        const insert = this.statement(
-          'INSERT INTO entries (namespace, kind, session_id, role, content, turn, at, metadata, vector, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
-        );
-        const insertFts = this.statement('INSERT INTO entries_fts (rowid, content) VALUES (?, ?)');
-        return rows.map((row, i) => {
-          const vector = vectors ? vectorBytes(vectors[i]!) : null;
-          const metadata = row.metadata === undefined ? null : JSON.stringify(row.metadata);
-          const bytes = Buffer.byteLength(row.content) + (metadata ? Buffer.byteLength(metadata) : 0) + (vector ? vector.length : 0);
-          const id = insert.run(this.namespace, 'turn', row.sessionId, row.role, row.content, row.turn, row.at, metadata, vector, bytes).lastInsertRowid;
-          insertFts.run(id, row.content);
-          return id;
-        });
+        return rows.map((row, i) => this.insertEntry('turn', row, vectors ? vectors[i]! : null));
       });
     });
   }
@@ -272,13 +263,7 @@ export class Memory {
       const vectors = await this.embedTexts([row.content]);
       return this.write(() => {
         this.deleteRows(this.read(() => this.statement("SELECT id, content FROM entries WHERE namespace = ? AND session_id = ? AND kind = 'summary'").all(this.namespace, sessionId)));
-        const vector = vectors ? vectorBytes(vectors[0]!) : null;
-        const bytes = Buffer.byteLength(row.content) + (vector ? vector.length : 0);
-        const id = this.statement(
-          "INSERT INTO entries (namespace, kind, session_id, role, content, turn, at, metadata, vector, bytes) VALUES (?, 'summary', ?, 'summary', ?, ?, ?, NULL, ?, ?)",
-        ).run(this.namespace, sessionId, row.content, row.turn, row.at, vector, bytes).lastInsertRowid;
-        this.statement('INSERT INTO entries_fts (rowid, content) VALUES (?, ?)').run(id, row.content);
-        return id;
+        return this.insertEntry('summary', row, vectors ? vectors[0]! : null);
       });
     });
   }
@@ -574,14 +559,37 @@ export class Memory {
     }
   }
 
+  /** Inserts one entry, its FTS row and its vector. Inside write(). */
+  private insertEntry(kind: 'turn' | 'summary', row: ValidRow, vector: Float32Array | null): number {
+    const blob = vector ? vectorBytes(vector) : null;
+    const metadata = row.metadata === undefined ? null : JSON.stringify(row.metadata);
+    const bytes = Buffer.byteLength(row.content) + (metadata ? Buffer.byteLength(metadata) : 0) + (blob ? blob.length : 0);
+    const id = this.statement('INSERT INTO entries (namespace, kind, session_id, role, content, turn, at, metadata, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)').run(
+      this.namespace,
+      kind,
+      row.sessionId,
+      row.role,
+      row.content,
+      row.turn,
+      row.at,
+      metadata,
+      bytes,
+    ).lastInsertRowid;
+    this.statement('INSERT INTO entries_fts (rowid, content) VALUES (?, ?)').run(id, row.content);
+    if (blob) this.statement('INSERT INTO entry_vectors (id, namespace, vector) VALUES (?, ?, ?)').run(id, this.namespace, blob);
+    return id;
+  }
+
   /** Deletes entry rows (id, content) and their FTS rows; bumps the deletes counter. Inside write(). */
   private deleteRows(rows: readonly Record<string, unknown>[]): number {
     if (rows.length === 0) return 0;
     const deleteFts = this.statement("INSERT INTO entries_fts (entries_fts, rowid, content) VALUES ('delete', ?, ?)");
     const deleteEntry = this.statement('DELETE FROM entries WHERE id = ?');
+    const deleteVector = this.statement('DELETE FROM entry_vectors WHERE id = ?');
     for (const row of rows) {
       deleteFts.run(Number(row.id), String(row.content));
       deleteEntry.run(Number(row.id));
+      deleteVector.run(Number(row.id));
       this.index?.remove(Number(row.id));
     }
     const counter = this.statement("SELECT value FROM meta WHERE key = 'deletes'");
@@ -631,12 +639,16 @@ export class Memory {
   }
 
   private keywordSearch(query: string, filter: SearchFilter, limit: number): VectorHit[] {
-    const match = literalFtsQuery(query);
-    if (match === undefined) return [];
+    const words = queryWords(query);
+    if (words.length === 0) return [];
+    const documents = this.read(() => words.map((word) => Number(this.statement('SELECT doc FROM entries_vocab WHERE term = ?').get(word)?.doc ?? 0)));
+    const match = anyOfWords(rankingWords(words, documents, KEYWORD_DOCUMENT_BUDGET))!;
     const { sql, params } = filter.sql();
+    // CROSS JOIN keeps FTS5 the outer loop: the planner would otherwise walk the namespace's rows and
+    // test each against the match.
     const found = this.read(() =>
       this.statement(
-        `SELECT e.id AS id, bm25(entries_fts) AS rank FROM entries_fts JOIN entries e ON e.id = entries_fts.rowid WHERE entries_fts MATCH ? AND e.namespace = ?${sql} ORDER BY rank, e.id LIMIT ?`,
+        `SELECT e.id AS id, bm25(entries_fts) AS rank FROM entries_fts CROSS JOIN entries e ON e.id = entries_fts.rowid WHERE entries_fts MATCH ? AND e.namespace = ?${sql} ORDER BY rank, e.id LIMIT ?`,
       ).all(match, this.namespace, ...params, limit),
     );
     return found.map((row) => ({ id: Number(row.id), score: -Number(row.rank) }));
@@ -649,7 +661,9 @@ export class Memory {
     if (filter.scope === 'session') {
       // One session's rows: an exact scan of them beats filtering the namespace's ranking.
       const { sql, params } = filter.sql();
-      const rows = this.read(() => this.statement(`SELECT e.id AS id, e.vector AS vector FROM entries e WHERE e.namespace = ? AND e.vector IS NOT NULL${sql}`).all(this.namespace, ...params));
+      const rows = this.read(() =>
+        this.statement(`SELECT e.id AS id, v.vector AS vector FROM entries e JOIN entry_vectors v ON v.id = e.id WHERE e.namespace = ?${sql}`).all(this.namespace, ...params),
+      );
       return rows
         .map((row) => ({ id: Number(row.id), score: dot(query, bytesVector(row.vector)) }))
         .sort((a, b) => b.score - a.score || a.id - b.id)
@@ -688,7 +702,7 @@ export class Memory {
       this.indexedThrough = 0;
       this.indexedDeletes = deletes;
     }
-    const statement = this.statement('SELECT id, vector FROM entries WHERE namespace = ? AND id > ? AND vector IS NOT NULL ORDER BY id LIMIT 4096');
+    const statement = this.statement('SELECT id, vector FROM entry_vectors WHERE namespace = ? AND id > ? ORDER BY id LIMIT 4096');
     for (;;) {
       const rows = this.read(() => statement.all(this.namespace, this.indexedThrough));
       if (rows.length === 0) break;

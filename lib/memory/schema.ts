@@ -4,11 +4,15 @@
  * one transaction.
  *
  * entries: archived turns (kind 'turn') and per-session summaries (kind 'summary', at most one per
- *   namespace and session, replaced in one transaction). `vector` is the embedding as little-endian
- *   float32 bytes, NULL when no embed function was given. AUTOINCREMENT keeps ids growing, so a
+ *   namespace and session, replaced in one transaction). AUTOINCREMENT keeps ids growing, so a
  *   process catches up with another's writes by reading the ids above the last it saw.
+ * entry_vectors: an entry's embedding as little-endian float32 bytes, when an embed function was
+ *   given. Apart from entries so that a keyword search, which reads thousands of entries, reads
+ *   small rows, not a kilobyte or more of vector each.
  * entries_fts: FTS5 over entries.content (external content, kept in step by the code that writes).
  * checkpoints: the KV snapshots sessions recorded (entry key in the prompt cache, bytes, time).
+ * entries_vocab: FTS5's own table of how many documents hold each word, which keyword search reads
+ *   to leave out words too common to rank by.
  * meta: schema_version, the embedding dimension once known, and a counter bumped by every delete so
  *   another process knows to rebuild its in-memory vector index.
  */
@@ -29,12 +33,14 @@ CREATE TABLE IF NOT EXISTS entries (
   turn INTEGER,
   at INTEGER NOT NULL,
   metadata TEXT,
-  vector BLOB,
   bytes INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS entry_vectors (id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS entry_vectors_namespace ON entry_vectors (namespace, id);
 CREATE INDEX IF NOT EXISTS entries_session ON entries (namespace, session_id, kind, turn);
 CREATE INDEX IF NOT EXISTS entries_at ON entries (namespace, kind, at);
 CREATE VIRTUAL TABLE IF NOT EXISTS entries_fts USING fts5 (content, content = 'entries', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2');
+CREATE VIRTUAL TABLE IF NOT EXISTS entries_vocab USING fts5vocab (entries_fts, 'row');
 CREATE TABLE IF NOT EXISTS checkpoints (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   namespace TEXT NOT NULL,
@@ -63,9 +69,9 @@ export function ensureSchema(db: SqlDatabase, path: string): void {
     }
     if (version < 1) {
       db.exec(VERSION_1);
-      db.prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)").run(String(SCHEMA_VERSION));
       db.prepare("INSERT OR IGNORE INTO meta (key, value) VALUES ('deletes', '0')").run();
     }
+    if (version < SCHEMA_VERSION) db.prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)").run(String(SCHEMA_VERSION));
     db.exec('COMMIT');
   } catch (err) {
     db.exec('ROLLBACK');
