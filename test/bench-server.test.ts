@@ -25,7 +25,7 @@ interface Received {
 }
 
 /** A chat-completions server whose answer depends on the question: `pieces:a|b|c` streams those pieces. */
-async function fakeServer(t: Test, options: { gate?: Promise<void>; onFirstContent?: () => void } = {}) {
+async function fakeServer(t: Test, options: { onFirstContent?: () => void } = {}) {
   const received: Received[] = [];
   const server = http.createServer((req, res) => {
     let raw = '';
@@ -55,8 +55,13 @@ async function fakeServer(t: Test, options: { gate?: Promise<void>; onFirstConte
         res.end(send({ error: { message: 'died mid-stream' } }));
         return;
       }
-      await options.gate;
-      options.onFirstContent?.();
+      if (options.onFirstContent) {
+        // Hold the content until the chunks before it are out (this process's event loop reads them
+        // on the client's socket meanwhile), so a harness that took them for content would be early.
+        await new Promise((resolve) => res.write(': flushed\n\n', resolve));
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        options.onFirstContent();
+      }
       const pieces = question.replace(/^pieces:/, '').split('|');
       // The whole rest in odd slices, so events and lines arrive cut anywhere, with \r\n endings.
       let rest = pieces.map((p) => chunk({ content: p })).join('').replace(/\n/g, '\r\n');
@@ -78,20 +83,16 @@ async function fakeServer(t: Test, options: { gate?: Promise<void>; onFirstConte
 const request = (question: string) => ({ model: 'm', system: 'You are terse.', question, maxTokens: 32 });
 
 t.test('streamChat: the content, its chunks and the usage, exactly; the first content no earlier than sent', async (t) => {
-  let open!: () => void;
-  const gate = new Promise<void>((resolve) => (open = resolve));
   let sentAt = 0;
-  const { url, received } = await fakeServer(t, { gate, onFirstContent: () => (sentAt = performance.now()) });
-  const pending = streamChat(url, request('pieces:Hel|lo, |wor|ld|!'));
-  setTimeout(open, 20);
-  const r = await pending;
+  const { url, received } = await fakeServer(t, { onFirstContent: () => (sentAt = performance.now()) });
+  const r = await streamChat(url, request('pieces:Hel|lo, |wor|ld|!'));
   t.equal(r.text, 'Hello, world!');
   t.equal(r.contentChunks, 5, 'five content chunks; the role chunk and the empty content are not counted');
   t.equal(r.completionTokens, 5);
   t.equal(r.promptTokens, 45);
   t.equal(r.cachedTokens, 40);
   t.equal(r.done, true, 'data: [DONE] seen');
-  t.ok(r.startedAt + r.ttftMs >= sentAt, 'the first content was seen after the server sent it');
+  t.ok(sentAt > 0 && r.startedAt + r.ttftMs >= sentAt, 'the first content was seen after the server sent it');
   t.ok(r.headersMs <= r.ttftMs && r.ttftMs <= r.totalMs, 'headers, first content, end: in that order');
   t.same(received[0]!.body.messages, [
     { role: 'system', content: 'You are terse.' },
@@ -145,6 +146,7 @@ t.test('percentile: nearest rank', async (t) => {
   t.equal(percentile(values, 50), 4);
   t.equal(percentile(values, 95), 8);
   t.equal(percentile([3], 95), 3);
+  t.equal(percentile(Array.from({ length: 14 }, (_, i) => i + 1), 95), 14, 'rank ceil(0.95 × 14) = 14, not 13');
   t.equal(percentile(Array.from({ length: 20 }, (_, i) => i + 1), 95), 19);
 });
 
