@@ -80,6 +80,8 @@ t.test('Redis down at start: prefill and a problem, within the connect timeout; 
   t.match(restored, { tier: null, cachedTokens: 0 });
   t.ok(restoreMs < TIMEOUTS.connectTimeoutMs + 2000, `the restore gave up after ${restoreMs.toFixed(0)} ms (connect timeout ${TIMEOUTS.connectTimeoutMs} ms)`);
   t.ok(problems.some((p) => p.code === 'E_STORE_UNAVAILABLE'), 'reported as E_STORE_UNAVAILABLE');
+  const second = await generateWith(t, cache, prompt, 'still down');
+  t.ok(second.restoreMs < TIMEOUTS.connectTimeoutMs, `the next restore does not wait for the connection again (${second.restoreMs.toFixed(0)} ms)`);
   // Saving while it is down: the warm succeeds, the store write is a reported problem.
   await warm(cache, prefix);
   t.ok(problems.some((p) => p.code === 'E_STATE_SAVE'), 'the failed store write is reported');

@@ -414,8 +414,12 @@ export class RedisStore extends EventEmitter implements CacheStore {
     }
     const client = this.client;
     if (client.isReady) return client;
-    if (!this.connectedOnce) {
-      await withTimeout(this.firstConnection!, this.connectTimeoutMs).catch(() => undefined);
+    if (!this.connectedOnce && this.firstConnection) {
+      // Only the first operations wait (at most connectTimeoutMs): while Redis stays away, later
+      // ones fail at once instead of each paying the timeout again.
+      const first = this.firstConnection;
+      await withTimeout(first, this.connectTimeoutMs).catch(() => undefined);
+      if (this.firstConnection === first) this.firstConnection = undefined;
       if (client.isReady) return client;
     }
     throw this.unavailable(what, 'not connected (reconnecting in the background)');
