@@ -61,12 +61,25 @@ async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { s
     signal,
     ui: cliUi,
   });
+  return writeBenchReport(flags, '', report, renderReport);
+}
+
+/**
+ * Writes a bench's JSON report to `--out` as <prefix><date>.json and prints it (`--json-only`) or
+ * its table: the one ending of every `kvstash bench` variant.
+ */
+export async function writeBenchReport<R extends { startedAt: string }>(
+  flags: { out?: string; 'json-only'?: boolean },
+  prefix: string,
+  report: R,
+  render: (report: R) => string,
+): Promise<number> {
   const outDir = path.resolve(flags.out ?? 'bench-results');
   await fsp.mkdir(outDir, { recursive: true });
-  const file = path.join(outDir, `${report.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`);
+  const file = path.join(outDir, `${prefix}${report.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`);
   await fsp.writeFile(file, `${JSON.stringify(report, null, 2)}\n`);
   if (flags['json-only'] === true) process.stdout.write(`${JSON.stringify(report)}\n`);
-  else process.stdout.write(`${renderReport(report)}\nReport written to ${tildify(file)}\n`);
+  else process.stdout.write(`${render(report)}\nReport written to ${tildify(file)}\n`);
   return 0;
 }
 
@@ -83,13 +96,7 @@ async function runServerBenchCommand(flags: Flags<typeof BENCH_FLAGS>, signal: A
     ui: cliUi,
     servers: [...new Set(servers)] as ServerName[],
   });
-  const outDir = path.resolve(flags.out ?? 'bench-results');
-  await fsp.mkdir(outDir, { recursive: true });
-  const file = path.join(outDir, `server-${report.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`);
-  await fsp.writeFile(file, `${JSON.stringify(report, null, 2)}\n`);
-  if (flags['json-only'] === true) process.stdout.write(`${JSON.stringify(report)}\n`);
-  else process.stdout.write(`${renderServerReport(report)}\nReport written to ${tildify(file)}\n`);
-  return 0;
+  return writeBenchReport(flags, 'server-', report, renderServerReport);
 }
 
 /** The server report for a person: one column per server, then the targets. */
