@@ -3,7 +3,8 @@
 // timeouts: the problem is reported, the prompt is evaluated, and the store is used again once
 // Redis is back. Every restore that does happen equals a cold prefill.
 import t, { type Test } from 'tap';
-import { loadModel, PromptCache, RedisStore, type Model } from '../lib/index.js';
+import { loadModel, PromptCache, type Model } from '../lib/index.js';
+import { RedisStore } from '../lib/cache/redis-store.js';
 import { bitIdentical, promptTokens, tinyModel } from './helpers/fixtures.js';
 import { coldLogitsOf, problemsOf } from './helpers/cold-logits.js';
 import { freePort, RedisServer } from './helpers/redis-server.js';

@@ -5,7 +5,8 @@ import { spawn } from 'node:child_process';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { createClient } from 'redis';
-import { loadModel, PromptCache, RedisStore, KvstashError, type Model } from '../lib/index.js';
+import { loadModel, PromptCache, KvstashError, type Model } from '../lib/index.js';
+import { RedisStore } from '../lib/cache/redis-store.js';
 import { bitIdentical, promptTokens, tinyModel } from './helpers/fixtures.js';
 import { coldLogitsOf, problemsOf } from './helpers/cold-logits.js';
 import { RedisServer } from './helpers/redis-server.js';
@@ -81,7 +82,8 @@ t.test('a restore from the store gives the logits of a cold prefill, in this pro
   const childResults: Array<{ tier: string | null; cachedTokens: number; logits: number[]; problems: unknown[] }> = [];
   for (let i = 0; i < 2; i++) {
     const script = `
-      const { loadModel, PromptCache, RedisStore } = require(${JSON.stringify(path.resolve(__dirname, '../lib/index.ts'))});
+      const { loadModel, PromptCache } = require(${JSON.stringify(path.resolve(__dirname, '../lib/index.ts'))});
+      const { RedisStore } = require(${JSON.stringify(path.resolve(__dirname, '../lib/cache/redis-store.ts'))});
       (async () => {
         const model = await loadModel(${JSON.stringify(await tinyModel())});
         const store = new RedisStore({ url: ${JSON.stringify(server.url)}, prefix: ${JSON.stringify(store.prefix)}, partBytes: 65536 });
@@ -245,7 +247,7 @@ t.test('without the redis package: E_STORE_CLIENT_MISSING', async (t) => {
       if (request === 'redis') { const e = new Error("Cannot find module 'redis'"); e.code = 'MODULE_NOT_FOUND'; throw e; }
       return resolve.call(this, request, ...rest);
     };
-    const { RedisStore } = require(${JSON.stringify(path.resolve(__dirname, '../lib/index.ts'))});
+    const { RedisStore } = require(${JSON.stringify(path.resolve(__dirname, '../lib/cache/redis-store.ts'))});
     try { new RedisStore({ url: 'redis://127.0.0.1:1' }); } catch (err) { process.stdout.write(err.code + ' ' + err.message); }
   `;
   const child = spawn(process.execPath, [...process.execArgv, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
