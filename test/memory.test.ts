@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
 import t from 'tap';
-import { DirectoryStore, KvstashError, Memory, type MemoryHit } from '../lib/index.js';
+import { DirectoryStore, KvstashError, loadModel, Memory, type MemoryHit } from '../lib/index.js';
+import { embeddingModel } from './helpers/fixtures.js';
 import { bagOfWords, hashEmbed } from './helpers/memory-embed.js';
 
 const CHILD = path.join(__dirname, 'helpers', 'memory-child.ts');
@@ -352,4 +353,22 @@ t.test('SIGKILL while archiving loses no acknowledged row and leaves no half bat
     await memory.close();
   }
   t.ok(fs.existsSync(file));
+});
+
+t.test('with model.embed (the synthetic embedding model): blank texts get no vector, texts sharing words are found', async (t) => {
+  const model = await loadModel(await embeddingModel());
+  t.teardown(() => model.dispose());
+  const memory = await Memory.open({ path: path.join(t.testdir(), 'm.db'), embed: (texts) => model.embed(texts) });
+  t.teardown(() => memory.close());
+  await memory.addMany([
+    { sessionId: 'a', role: 'user', content: 'my favourite colour is green', turn: 3 },
+    { sessionId: 'a', role: 'assistant', content: '', turn: 3 },
+    { sessionId: 'a', role: 'user', content: '   ', turn: 4 },
+    { sessionId: 'b', role: 'user', content: 'the train leaves at nine tomorrow morning', turn: 0 },
+  ]);
+  t.match(await memory.stats(), { turns: 4, vectors: 2, dimension: model.info.embeddingSize });
+  t.same(contents(await memory.search('favourite colour green', { mode: 'vector', limit: 1 })), ['my favourite colour is green']);
+  t.same(contents(await memory.search('when does the train leave', { mode: 'vector', limit: 1 })), ['the train leaves at nine tomorrow morning']);
+  t.same(contents(await memory.search('what colour do I like', { sessionId: 'b', limit: 1 })), ['my favourite colour is green']);
+  t.same(await memory.search('   ', { mode: 'vector' }), []);
 });

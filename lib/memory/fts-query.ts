@@ -36,6 +36,7 @@ export function anyOfWords(words: readonly string[]): string | undefined {
  * it: leaving it out keeps a search's work bounded by the budget, not by the archive's size.
  */
 export function rankingWords(words: readonly string[], documents: readonly number[], budget: number): string[] {
+  // `documents` may be capped at budget + 1 (counting stops there): such a word is kept only alone.
   const order = words.map((word, i) => ({ word, documents: documents[i]! })).sort((a, b) => a.documents - b.documents);
   const kept: string[] = [];
   let total = 0;

@@ -641,7 +641,10 @@ export class Memory {
   private keywordSearch(query: string, filter: SearchFilter, limit: number): VectorHit[] {
     const words = queryWords(query);
     if (words.length === 0) return [];
-    const documents = this.read(() => words.map((word) => Number(this.statement('SELECT doc FROM entries_vocab WHERE term = ?').get(word)?.doc ?? 0)));
+    // Documents per word, counted only up to the budget: FTS5 stops reading a doclist at the LIMIT,
+    // where fts5vocab would read the whole doclist of a common word to count it.
+    const count = this.statement('SELECT COUNT(*) AS n FROM (SELECT 1 FROM entries_fts WHERE entries_fts MATCH ? LIMIT ?)');
+    const documents = this.read(() => words.map((word) => Number(count.get(`"${word}"`, KEYWORD_DOCUMENT_BUDGET + 1)!.n)));
     const match = anyOfWords(rankingWords(words, documents, KEYWORD_DOCUMENT_BUDGET))!;
     const { sql, params } = filter.sql();
     // CROSS JOIN keeps FTS5 the outer loop: the planner would otherwise walk the namespace's rows and
@@ -721,9 +724,16 @@ export class Memory {
     }
   }
 
-  /** Embeds texts when the memory has an embed function; checks count, type and dimension. */
-  private async embedTexts(texts: string[]): Promise<Float32Array[] | undefined> {
+  /**
+   * Embeds texts when the memory has an embed function; checks count, type and dimension. A blank
+   * text gets no vector (null) and is not sent: an embedding model has no token to pool for it
+   * (model.embed refuses it), and it would mean nothing to a vector search anyway.
+   */
+  private async embedTexts(allTexts: string[]): Promise<Array<Float32Array | null> | undefined> {
     if (!this.embedFn) return undefined;
+    const slots = allTexts.map((text, i) => (/\S/.test(text) ? i : -1)).filter((i) => i >= 0);
+    if (slots.length === 0) return allTexts.map(() => null);
+    const texts = slots.map((i) => allTexts[i]!);
     let vectors: Float32Array[];
     try {
       vectors = await this.embedFn(texts);
@@ -753,7 +763,9 @@ export class Memory {
       });
       this.dimension = dim;
     }
-    return vectors.map((v) => normalizeInPlace(Float32Array.from(v)));
+    const result: Array<Float32Array | null> = allTexts.map(() => null);
+    slots.forEach((slot, i) => (result[slot] = normalizeInPlace(Float32Array.from(vectors[i]!))));
+    return result;
   }
 }
 

@@ -11,8 +11,6 @@
  *   small rows, not a kilobyte or more of vector each.
  * entries_fts: FTS5 over entries.content (external content, kept in step by the code that writes).
  * checkpoints: the KV snapshots sessions recorded (entry key in the prompt cache, bytes, time).
- * entries_vocab: FTS5's own table of how many documents hold each word, which keyword search reads
- *   to leave out words too common to rank by.
  * meta: schema_version, the embedding dimension once known, and a counter bumped by every delete so
  *   another process knows to rebuild its in-memory vector index.
  */
@@ -40,7 +38,6 @@ CREATE INDEX IF NOT EXISTS entry_vectors_namespace ON entry_vectors (namespace, 
 CREATE INDEX IF NOT EXISTS entries_session ON entries (namespace, session_id, kind, turn);
 CREATE INDEX IF NOT EXISTS entries_at ON entries (namespace, kind, at);
 CREATE VIRTUAL TABLE IF NOT EXISTS entries_fts USING fts5 (content, content = 'entries', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2');
-CREATE VIRTUAL TABLE IF NOT EXISTS entries_vocab USING fts5vocab (entries_fts, 'row');
 CREATE TABLE IF NOT EXISTS checkpoints (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   namespace TEXT NOT NULL,
