@@ -5,7 +5,7 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from '../bench/bench.js';
-import { runMemoryBenchCommand } from './bench-memory.js';
+import { formatMemoryReport, MEMORY_FULL_CONFIG, MEMORY_QUICK_CONFIG, runMemoryBench } from '../bench/memory.js';
 import { runRedisBenchCommand } from './bench-redis.js';
 import { runServerBench, SERVER_FULL_CONFIG, SERVER_QUICK_CONFIG, type ServerBenchReport, type ServerName } from '../bench/server.js';
 import { userCacheDir } from '../util/paths.js';
@@ -48,7 +48,10 @@ export const benchCommand: Command<typeof BENCH_FLAGS> = {
 async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { signal: AbortSignal }): Promise<number> {
   const quick = flags.quick === true;
   if (flags.server === true) return runServerBenchCommand(flags, signal);
-  if (flags.memory === true) return runMemoryBenchCommand(flags, signal);
+  if (flags.memory === true) {
+    const config = flags.quick === true ? MEMORY_QUICK_CONFIG : MEMORY_FULL_CONFIG;
+    return writeBenchReport(flags, 'memory-', await runMemoryBench(config, { signal, log: (line) => process.stderr.write(`${line}\n`) }), formatMemoryReport);
+  }
   const types = parseTypes(flags.types);
   if (flags.redis === true) return runRedisBenchCommand(flags, signal, types[0]!);
   const base = quick ? QUICK_CONFIG : FULL_CONFIG;
