@@ -24,6 +24,8 @@ import { Journal, type JournalDamage } from './journal.js';
 import { ioError, ownFileExists, requireOwnDirectory } from './files.js';
 import { acquireLock, type Lock } from './lock.js';
 import { onProcessExit } from './exit-hooks.js';
+import { SessionMemory, type RetrievedMemory, type SessionMemoryOptions } from './memory-hook.js';
+import type { Memory } from '../memory/memory.js';
 
 export type { OverflowPolicy } from './backend.js';
 export interface CheckpointOptions {
@@ -58,6 +60,14 @@ export interface SessionOptions {
   sequence?: number;
   checkpoint?: CheckpointOptions;
   overflow?: OverflowOptions;
+  /** Long-term memory (./memory-hook.ts): every turn archived, what the window lost retrieved
+   * before each turn, clear policies. A Memory, or {memory, recall?, clear?}. Default none. */
+  memory?: Memory | SessionMemoryOptions;
+}
+
+/** A reply, with what long-term memory injected before it (empty without memory). */
+export interface SessionReply extends GenerationResult {
+  retrieved: RetrievedMemory[];
 }
 
 export interface OpenOptions extends SessionOptions {
@@ -111,6 +121,10 @@ export interface SessionStats {
   checkpoints: number;
   checkpointFailures: number;
   resumes: Record<ResumePath, number>;
+  /** With memory: turns archived by this session object (also those repaired at resume), and
+   * items injected before its turns. */
+  archived: number;
+  retrieved: number;
 }
 
 type JournalRecord =
@@ -118,7 +132,9 @@ type JournalRecord =
   | { type: 'exchange'; user: string; assistant: string; at: string }
   | { type: 'tool'; name: string; content: string; at: string }
   | { type: 'drop'; count: number; shifted: boolean; at: string }
-  | { type: 'summary'; count: number; content: string; at: string };
+  | { type: 'summary'; count: number; content: string; at: string }
+  /** What memory injected after the system prefix from this turn on ('' for nothing). */
+  | { type: 'recall'; content: string; at: string };
 
 const SUMMARY_PREFIX = 'Summary of the earlier conversation:\n';
 
@@ -133,11 +149,15 @@ export class Session {
   private readonly checkpointOptions: Required<Omit<CheckpointOptions, 'onExit'>>;
   private readonly overflow: Required<Pick<OverflowOptions, 'policy'>> & OverflowOptions;
   /** The overflow policy as this backend applies it. */
-  private readonly policy: OverflowPolicy;
+  private policy: OverflowPolicy;
   private turnsSinceCheckpoint = 0;
   private lastCheckpointAt = Date.now();
   private closed = false;
   private removeExitHook: (() => void) | undefined;
+  private readonly memory: SessionMemory | undefined;
+  /** The recall message memory injected (kept, like the transcript, in the journal). */
+  private recalled: ChatMessage[] = [];
+  private turnsSinceClear = 0;
   private counters: SessionStats = {
     turns: 0,
     toolResults: 0,
@@ -148,6 +168,8 @@ export class Session {
     checkpoints: 0,
     checkpointFailures: 0,
     resumes: { checkpoint: 0, cache: 0, prefill: 0 },
+    archived: 0,
+    retrieved: 0,
   };
 
   private constructor(
@@ -170,6 +192,9 @@ export class Session {
     this.overflow = { ...options.overflow, policy: options.overflow?.policy ?? 'drop-oldest' };
     this.policy = backend.effectivePolicy(this.overflow.policy);
     this.resumeReport = report;
+    this.memory = SessionMemory.attach(options.memory, id);
+    // The recall message sits between the prefix and the window: shifting cells under it is not supported.
+    if (this.memory && this.policy === 'shift') this.policy = 'drop-oldest';
     if (options.checkpoint?.onExit) this.removeExitHook = onProcessExit(() => this.checkpoint().then(() => undefined));
   }
 
@@ -254,6 +279,8 @@ export class Session {
       const backend = conversationBackend(options, meta);
       const session = new Session(options.id, dir, options.context, backend, journal, lock, options, report);
       for (const record of records.slice(1)) session.replay(record);
+      // A turn the journal holds and the archive lacks (killed between the two writes).
+      if (session.memory) session.counters.archived += await session.memory.repair(session.archivedTurns());
       await session.queue.run(() => session.restoreFromDisk(report));
       report.ms = performance.now() - started;
       session.counters.resumes[report.path]++;
@@ -272,9 +299,19 @@ export class Session {
 
   /** Sends a user message; the reply streams from the Generation. The turn is on disk before
    * `result` resolves. */
-  send(text: string, options: SendOptions = {}): Generation {
+  send(text: string, options: SendOptions = {}): Generation & { result: Promise<SessionReply> } {
     requireString(text, 'text');
-    return new Generation((emit) => this.queue.run(() => this.exchange(text, options, emit)));
+    return new Generation((emit) => this.queue.run(() => this.exchange(text, options, emit))) as Generation & { result: Promise<SessionReply> };
+  }
+
+  /** Clears the window now (the system prompt stays), after storing the cumulative summary when
+   * the overflow policy is 'summarize'; with memory, what was in it stays retrievable. */
+  compact(): Promise<void> {
+    return this.queue.run(async () => {
+      this.requireOpen();
+      await this.clearWindow();
+      await this.backend.catchUp(this.window());
+    });
   }
 
   /** Adds a tool's result to the conversation (an agent loop: call a tool, feed its result,
@@ -286,7 +323,7 @@ export class Session {
       this.requireOpen();
       await this.journal.append({ type: 'tool', name, content, at: new Date().toISOString() });
       this.replay({ type: 'tool', name, content, at: '' });
-      await this.backend.catchUp(this.view);
+      await this.backend.catchUp(this.window());
     });
   }
 
@@ -296,7 +333,7 @@ export class Session {
   }
 
   stats(): SessionStats {
-    return { ...this.counters, resumes: { ...this.counters.resumes } };
+    return { ...this.counters, resumes: { ...this.counters.resumes }, archived: this.counters.archived + (this.memory?.archived ?? 0), retrieved: this.memory?.retrieved ?? 0 };
   }
 
   /** Waits for running work, then releases the session (its lock, journal, exit hooks). */
@@ -311,32 +348,90 @@ export class Session {
 
   // -------------------------------------------------------------------------------------------
 
-  private async exchange(text: string, options: SendOptions, emit: (chunk: string) => void): Promise<GenerationResult> {
+  private async exchange(text: string, options: SendOptions, emit: (chunk: string) => void): Promise<SessionReply> {
     this.requireOpen();
     const maxTokens = this.backend.replyLimit(options.maxTokens);
     const user: ChatMessage = { role: 'user', content: text };
+    const retrieved = await this.recall(text);
     // End-of-turn tokens and the canonical re-tokenization may add a few tokens past maxTokens.
     await this.makeRoom([user], maxTokens + 8);
-    const result = await this.backend.reply([...this.view, user], { ...options, maxTokens }, emit);
+    const result = await this.backend.reply([...this.window(), user], { ...options, maxTokens }, emit);
     const assistant: ChatMessage = { role: 'assistant', content: result.text };
     await this.journal.append({ type: 'exchange', user: text, assistant: result.text, at: new Date().toISOString() });
     this.history.push(user, assistant);
     this.view.push(user, assistant);
     this.counters.turns++;
     this.turnsSinceCheckpoint++;
-    await this.backend.catchUp(this.view);
+    this.turnsSinceClear++;
+    await this.memory?.archive({ turn: this.counters.turns - 1, messages: [user, assistant] });
+    if (this.memory?.shouldClear(this.turnsSinceClear, this.backend.measure(this.window(), false), this.backend.capacity)) await this.clearWindow();
+    await this.backend.catchUp(this.window());
     const { everyTurns, everySeconds } = this.checkpointOptions;
     if ((everyTurns > 0 && this.turnsSinceCheckpoint >= everyTurns) || (everySeconds > 0 && Date.now() - this.lastCheckpointAt >= everySeconds * 1000)) {
       // A failed checkpoint costs speed on resume, never the turn: it is counted and the turn stands.
       await this.writeCheckpoint().catch(() => this.counters.checkpointFailures++);
     }
-    return result;
+    return { ...result, retrieved };
+  }
+
+  /** The messages the backend holds after the system prefix: the recall message, then the window. */
+  private window(): ChatMessage[] {
+    return [...this.recalled, ...this.view];
+  }
+
+  /** Asks memory what to inject before the turn `text` starts; journals it when it changed. */
+  private async recall(text: string): Promise<RetrievedMemory[]> {
+    if (!this.memory) return [];
+    const turnsInWindow = this.view.filter((m) => m.role === 'user').length;
+    const { message, retrieved } = await this.memory.recall(
+      text,
+      { firstTurnInWindow: this.counters.turns - turnsInWindow, summaryInWindow: this.isSummary(this.view[0]), capacity: this.backend.capacity },
+      (m) => this.backend.measure([m], false, false),
+    );
+    const content = message?.content ?? '';
+    if (content !== (this.recalled[0]?.content ?? '')) {
+      await this.journal.append({ type: 'recall', content, at: new Date().toISOString() });
+      this.replay({ type: 'recall', content, at: '' });
+    }
+    return retrieved;
+  }
+
+  /** Empties the window (the system prompt stays), after writing the cumulative summary with the
+   * 'summarize' policy. */
+  private async clearWindow(): Promise<void> {
+    const count = this.view.length;
+    this.turnsSinceClear = 0;
+    if (count === 0 && this.recalled.length === 0) return;
+    if (this.policy === 'summarize') {
+      const content = await (this.overflow.summarize ?? ((m) => this.backend.summarize(m)))(this.view.slice());
+      await this.memory?.storeSummary(content, this.counters.turns);
+      this.counters.summaries++;
+    }
+    await this.journal.append({ type: 'drop', count, shifted: false, at: new Date().toISOString() });
+    this.replay({ type: 'drop', count, shifted: false, at: '' });
+    if (this.recalled.length > 0) {
+      await this.journal.append({ type: 'recall', content: '', at: new Date().toISOString() });
+      this.replay({ type: 'recall', content: '', at: '' });
+    }
+    this.counters.clears++;
+  }
+
+  /** The completed turns of the transcript, numbered from 0 (tool results belong to the turn after them). */
+  private archivedTurns(): Array<{ turn: number; messages: ChatMessage[] }> {
+    const turns: Array<{ turn: number; messages: ChatMessage[] }> = [];
+    for (let i = 0; i + 1 < this.history.length; i++) {
+      if (this.history[i]!.role === 'user' && this.history[i + 1]!.role === 'assistant') {
+        turns.push({ turn: turns.length, messages: [this.history[i]!, this.history[i + 1]!] });
+        i++;
+      }
+    }
+    return turns;
   }
 
   /** Applies the overflow policy until `extra` messages and `reserve` tokens fit after the view. */
   private async makeRoom(extra: ChatMessage[], reserve: number): Promise<void> {
     const limit = this.backend.capacity;
-    const needed = () => this.backend.measure([...this.view, ...extra], true) + reserve;
+    const needed = () => this.backend.measure([...this.window(), ...extra], true) + reserve;
     while (needed() > limit) {
       let count = this.turnLength();
       // A summary is folded into the next summary together with the turn after it, so every
@@ -347,13 +442,14 @@ export class Session {
         throw new KvstashError('E_CONTEXT_FULL', `the message and maxTokens need ${needed()} tokens; the context holds ${limit} per sequence`);
       }
       const dropped = this.view.slice(0, count);
-      const before = this.backend.measure(this.view, false);
+      const before = this.backend.measure(this.window(), false);
       const policy = this.policy;
       if (policy === 'summarize' && (foldSummary || !this.isSummary(this.view[0]))) {
         const content = await (this.overflow.summarize ?? ((m) => this.backend.summarize(m)))(dropped);
         await this.journal.append({ type: 'summary', count, content, at: new Date().toISOString() });
         this.replay({ type: 'summary', count, content, at: '' });
         this.counters.summaries++;
+        await this.memory?.storeSummary(content, this.counters.turns);
       } else {
         await this.journal.append({ type: 'drop', count, shifted: policy === 'shift', at: new Date().toISOString() });
         if (policy === 'shift') await this.backend.shiftOut(this.view, count);
@@ -361,7 +457,7 @@ export class Session {
         if (policy === 'shift') this.counters.shifts++;
         else this.counters.clears++;
       }
-      this.counters.tokensDropped += Math.max(0, before - this.backend.measure(this.view, false));
+      this.counters.tokensDropped += Math.max(0, before - this.backend.measure(this.window(), false));
     }
   }
 
@@ -401,6 +497,9 @@ export class Session {
       case 'summary':
         this.view.splice(0, record.count, { role: 'system', content: `${SUMMARY_PREFIX}${record.content}` });
         break;
+      case 'recall':
+        this.recalled = record.content ? [{ role: 'system', content: record.content }] : [];
+        break;
       case 'open':
         break;
     }
@@ -416,7 +515,7 @@ export class Session {
     for (const { file, regular } of checkpoints) {
       try {
         if (!regular) throw new Error('it is not a regular file');
-        report.restoredTokens = await this.backend.restoreCheckpoint(file, this.view);
+        report.restoredTokens = await this.backend.restoreCheckpoint(file, this.window());
         report.path = 'checkpoint';
         break;
       } catch (err) {
@@ -425,7 +524,7 @@ export class Session {
       }
     }
     if (report.path !== 'checkpoint') this.backend.forget();
-    const { restored, evaluated } = await this.backend.catchUp(this.view);
+    const { restored, evaluated } = await this.backend.catchUp(this.window());
     if (report.path !== 'checkpoint') {
       report.path = restored > 0 ? 'cache' : 'prefill';
       report.restoredTokens = restored;
@@ -443,10 +542,11 @@ export class Session {
     });
     await requireOwnDirectory(this.checkpointDir, 'checkpoints directory');
     const stamp = `${String(this.counters.turns).padStart(8, '0')}-${Date.now()}`;
-    const written = await this.backend.writeCheckpoint(this.checkpointDir, stamp, `session:${this.id}`, this.view);
+    const written = await this.backend.writeCheckpoint(this.checkpointDir, stamp, `session:${this.id}`, this.window());
     const all = (await this.listCheckpoints()).filter((c) => c.regular);
     for (const old of all.slice(this.checkpointOptions.keep)) await fsp.rm(old.file, { force: true });
     this.counters.checkpoints++;
+    await this.memory?.memory.recordCheckpoint({ sessionId: this.id, turn: this.counters.turns, entryKey: path.basename(written.path), bytes: written.bytes });
     this.turnsSinceCheckpoint = 0;
     this.lastCheckpointAt = Date.now();
     return written;
