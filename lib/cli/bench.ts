@@ -15,7 +15,7 @@ import type { Command, FlagSpecs, Flags } from './main.js';
 import { cliUi } from './progress.js';
 
 const BENCH_FLAGS = {
-  quick: { type: 'boolean', help: 'Smoke test: the tiny model and a 300-token prefix (its numbers mean little)' },
+  quick: { type: 'boolean', help: 'Smoke test on the tiny model: a 300-token prefix (with --server: the full requests); its numbers mean little' },
   types: { type: 'string', value: 'q8_0,q4_k', help: `Weight types to measure, comma-separated. Default ${BENCH_TYPES.join(',')}` },
   'json-only': { type: 'boolean', help: 'Print the JSON report instead of the table (it is written to --out either way)' },
   out: { type: 'string', value: 'dir', help: 'Where the JSON report is written, as <date>.json. Default ./bench-results' },
