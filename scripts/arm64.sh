@@ -67,6 +67,7 @@ toolchain() {
 setup() {
   toolchain
   fetch_node
+  fetch_libsql
   register_binfmt
   say "ready: $(aarch64-linux-gnu-g++ --version | head -1), $(qemu-aarch64-static --version | head -1), node $("$arm64_node" --version) (arm64)"
 }
@@ -89,6 +90,33 @@ fetch_node() {
   rm -rf "$node_dir.partial"
   mv "$work/package" "$node_dir.partial"
   mv "$node_dir.partial" "$node_dir"
+}
+
+# Memory's database driver (libsql, an optional dependency) loads a platform package, and `npm ci`
+# on x64 installs only the x64 one. The arm64 package the lock file names is added beside it, with
+# the lock file's integrity checked, so the arm64 run tests Memory on its real arm64 binary.
+fetch_libsql() {
+  local name=@libsql/linux-arm64-gnu dest=node_modules/@libsql/linux-arm64-gnu
+  [ -d node_modules/libsql ] || return 0
+  [ -f "$dest/package.json" ] && return 0
+  local version integrity
+  read -r version integrity < <(node -e "
+    const p = require('./package-lock.json').packages['node_modules/$name'] || {};
+    console.log((p.version || '') + ' ' + (p.integrity || ''));")
+  [ -n "$version" ] && [ -n "$integrity" ] || die "package-lock.json names no $name"
+  local work
+  work="$(mktemp -d)"
+  say "fetching $name@$version from the npm registry"
+  (cd "$work" && npm pack "$name@$version" --silent >/dev/null)
+  local tarball
+  tarball="$(ls "$work"/*.tgz)"
+  local actual
+  actual="$(node -e "process.stdout.write('sha512-' + require('crypto').createHash('sha512').update(require('fs').readFileSync(process.argv[1])).digest('base64'))" "$tarball")"
+  [ "$actual" = "$integrity" ] || die "integrity mismatch for $name@$version: expected $integrity, got $actual"
+  tar -xzf "$tarball" -C "$work"
+  mkdir -p "$(dirname "$dest")"
+  mv "$work/package" "$dest"
+  rm -rf "$work"
 }
 
 register_binfmt() {
@@ -153,7 +181,9 @@ cpu_check() {
 # What arm64 can break, run under qemu when `test` is given no files: every file whose behaviour
 # goes through native code (the addon's checks before llama.cpp, state bytes, CRC-32C's ARMv8
 # instruction, the restore's copy path, file locks, the RKLLM ABI and the fake runtime built for
-# aarch64, prebuild loading), plus one end-to-end path of each feature (demo, crash and resume).
+# aarch64, prebuild loading, ggml's arm64 dot product under VectorIndex, libsql's arm64 binary),
+# plus one end-to-end path of each feature (demo, crash and resume on llama.cpp and on RKLLM, the
+# server on an RKLLM model, Memory, a prompt cache shared through Redis).
 # Left to the x64 run: files that test TypeScript only (GGUF parsing and validation, synthetic
 # models, fingerprints, the CLI's argument handling and output, examples, chat, the bench and its
 # peer, import graphs, overflow policies), which behave the same on any architecture, and
@@ -168,6 +198,8 @@ arm64_suite=(
   test/session-crash.test.ts test/session-hardening.test.ts
   test/rkllm-runtime.test.ts test/rkllm-model.test.ts test/rkllm-hardening.test.ts
   test/bench-prebuilt-vs-source.test.ts test/demo.test.ts
+  test/vector-index.test.ts test/memory.test.ts test/session-rkllm-crash.test.ts
+  test/server-rkllm.test.ts test/redis-store.test.ts
 )
 
 run_tests() {
