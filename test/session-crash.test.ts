@@ -16,9 +16,12 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
   const modelPath = await tinyModel();
   const root = t.testdir();
 
-  // The uninterrupted run: the transcript every trial must reproduce.
-  const referenceScript = writeScript(path.join(root, 'reference'), modelPath, TURNS, true);
-  const { conversationMs } = await runChild(referenceScript);
+  // The uninterrupted run: the transcript every trial must reproduce. It runs one turn more than
+  // the trials, so that every resumed trial, even one killed after its last turn, has a next turn
+  // to compare with it (killed trials finishing all their turns left most trials unchecked).
+  const referenceScript = writeScript(path.join(root, 'reference'), modelPath, TURNS + 1, true);
+  const { conversationMs: referenceMs } = await runChild(referenceScript);
+  const conversationMs = (referenceMs * TURNS) / (TURNS + 1);
   const model = await loadModel(modelPath);
   const referenceContext = await model.createContext(CONTEXT);
   const reference = await Session.resume({ dir: path.join(root, 'reference'), id: 'chat', context: referenceContext });
@@ -49,7 +52,7 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
     // Each completed send() wrote its checkpoint (everyTurns 1) before it resolved: after one, the
     // resume must come from a checkpoint, not from the cache or a prefill.
     if (done > 0) t.equal(report.path, 'checkpoint', `trial ${trial}: a turn was done, so a checkpoint restored ${report.restoredTokens} tokens`);
-    if (turns < TURNS) {
+    {
       const reply = await session.send(expected[turns * 2]!, SEND).result;
       t.equal(reply.text, expected[turns * 2 + 1], `trial ${trial}: the next reply equals the uninterrupted run's`);
       // The tiny model's greedy replies are newlines whatever it was told (see probeLogits): the
@@ -66,6 +69,7 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
     await context.dispose();
   }
   t.comment(`resume paths: ${JSON.stringify(paths)}; probe differences: max ${Math.max(...probeDiffs)} over ${probeDiffs.length} resumed turns`);
+  t.equal(probeDiffs.length, TRIALS, 'every trial continued after its resume and was compared');
   t.ok((paths.checkpoint ?? 0) > 0, 'some trials resumed from a checkpoint');
   await model.dispose();
 });
