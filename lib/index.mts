@@ -18,6 +18,7 @@ export const {
   PromptCache,
   commonPrefix,
   DirectoryStore,
+  RedisStore,
   readEntryFile,
   readVerifiedEntry,
   ENTRY_VERSION,
@@ -30,6 +31,7 @@ export const {
   Session,
   systemInfo,
   Memory,
+  createServer,
 } = kvstash;
 export type * from './index.js';
 // A class is a value and a type. The destructuring above exports only the value, and a local
@@ -42,6 +44,7 @@ export type ContextMemory = Cjs['ContextMemory']['prototype'];
 export type Sampler = Cjs['Sampler']['prototype'];
 export type PromptCache = Cjs['PromptCache']['prototype'];
 export type DirectoryStore = Cjs['DirectoryStore']['prototype'];
+export type RedisStore = Cjs['RedisStore']['prototype'];
 export type Generation = Cjs['Generation']['prototype'];
 export type RkllmModel = Cjs['RkllmModel']['prototype'];
 export type Memory = Cjs['Memory']['prototype'];

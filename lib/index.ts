@@ -3,7 +3,16 @@
  * See README.md for the guide; every export below is documented where it is defined.
  */
 export { KvstashError, isKvstashError, type KvstashErrorCode } from './errors.js';
-export { loadModel, Model, type ModelInfo, type ChatMessage, type LoadModelOptions, type TokenizeOptions } from './llama/model.js';
+export {
+  loadModel,
+  Model,
+  type ModelInfo,
+  type ChatMessage,
+  type LoadModelOptions,
+  type TokenizeOptions,
+  type EmbedOptions,
+  type EmbeddingPooling,
+} from './llama/model.js';
 export {
   Context,
   ContextMemory,
@@ -29,6 +38,7 @@ export {
   type RestoreResult,
 } from './cache/prompt-cache.js';
 export { DirectoryStore, type CacheStore, type StoredEntry } from './cache/store.js';
+export { RedisStore, type RedisStoreOptions, type StoreProblem } from './cache/redis-store.js';
 export { readEntryFile, readVerifiedEntry, ENTRY_VERSION, type EntryHeader, type EntryFile } from './cache/entry.js';
 export { generate, Generation, type GenerateOptions, type GenerationResult, type FinishReason } from './generate/generate.js';
 export {
@@ -65,8 +75,12 @@ export {
   type ResumeReport,
   type ResumePath,
   type SessionStats,
+  type SessionReply,
 } from './session/session.js';
+export type { ConversationBackend } from './session/backend.js';
+export type { SessionMemoryOptions, RecallOptions, ClearOptions, RetrievedMemory } from './session/memory-hook.js';
 export { systemInfo, type SystemInfo } from './system.js';
+export { createServer, type ServerOptions, type KvstashServer } from './server/server.js';
 export {
   Memory,
   type EmbedFunction,
