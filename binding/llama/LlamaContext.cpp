@@ -108,6 +108,13 @@ class ContextCreateWorker : public PromiseWorker {
                         WithLlamaReason("llama.cpp could not create the context (too large for memory, or an "
                                         "unsupported combination of options)"));
     }
+    // One pool serves single-token steps and prompt batches alike (n_threads == n_threads_batch).
+    // Its default polling (workers spin briefly after a graph before they sleep) is what
+    // llama.cpp's own tools run with.
+    ggml_threadpool_params pool = ggml_threadpool_params_default(params_.n_threads);
+    threadpool_ = ggml_threadpool_new(&pool);
+    if (threadpool_ == nullptr) throw NativeError("E_CONTEXT_CREATE", "ggml could not start the context's compute threads");
+    llama_attach_threadpool(ctx_, threadpool_, nullptr);
   }
 
   Napi::Value Result(Napi::Env env) override {
@@ -118,13 +125,16 @@ class ContextCreateWorker : public PromiseWorker {
     context->unifiedKv_ = params_.kv_unified;
     context->nUbatch_ = static_cast<int32_t>(params_.n_ubatch);
     context->threads_ = params_.n_threads;
-    context->Attach(std::move(model_), ctx_);
+    context->Attach(std::move(model_), ctx_, threadpool_);
     ctx_ = nullptr;
+    threadpool_ = nullptr;
     return object;
   }
 
   ~ContextCreateWorker() override {
-    if (ctx_ != nullptr) llama_free(ctx_);  // created, but the promise could not be resolved
+    // Created, but the promise could not be resolved: the context first, then its threads.
+    if (ctx_ != nullptr) llama_free(ctx_);
+    if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
   }
 
  private:
@@ -133,6 +143,7 @@ class ContextCreateWorker : public PromiseWorker {
   std::string kvType_, flash_;
   Napi::ObjectReference modelRef_;
   llama_context* ctx_ = nullptr;
+  ggml_threadpool* threadpool_ = nullptr;
 };
 
 // createContext({contextSize, batchSize, ubatchSize, sequences, threads, kvType, flashAttention, unifiedKv})
@@ -197,9 +208,10 @@ LlamaContext::LlamaContext(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Ll
 
 LlamaContext::~LlamaContext() { WaitIdleAndFree(); }
 
-void LlamaContext::Attach(ModelHandle model, llama_context* ctx) {
+void LlamaContext::Attach(ModelHandle model, llama_context* ctx, ggml_threadpool* threadpool) {
   model_ = std::move(model);
   ctx_ = ctx;
+  threadpool_ = threadpool;
   nVocab_ = llama_vocab_n_tokens(llama_model_get_vocab(model_.get()));
   nCtx_ = static_cast<int32_t>(llama_n_ctx(ctx_));
   nCtxSeq_ = static_cast<int32_t>(llama_n_ctx_seq(ctx_));
@@ -217,6 +229,8 @@ void LlamaContext::WaitIdleAndFree() {
   }
   llama_free(ctx_);
   ctx_ = nullptr;
+  if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
+  threadpool_ = nullptr;
   model_.reset();
   outputs_ = DecodeOutputs();
   importScratch_.Release();
