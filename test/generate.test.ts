@@ -116,6 +116,40 @@ t.test('concurrent generations on 4 sequences give each the tokens it gets alone
   await context.dispose();
 });
 
+t.test('a generation still running lends its restored prefix to the next one: shared KV cells, not another copy', async (t) => {
+  const cache = new PromptCache({ dir: t.testdir() });
+  const context = await model.createContext({ contextSize: 4096, sequences: 3 });
+  const alone = async (question: string) => {
+    const own = await model.createContext({ contextSize: 4096 });
+    const tokens = Array.from((await generate(own, { system, prompt: question, maxTokens: 6 }).result).tokens);
+    await own.dispose();
+    return tokens;
+  };
+  const expected = { b: await alone('second question'), c: await alone('third question') };
+  // The first call evaluates the system prefix and saves it (RAM tier); it keeps sequence 0
+  // busy, generating, while the others start.
+  const first = generate(context, { system, prompt: 'first question', cache, sequence: 0, maxTokens: 40 });
+  const iterator = first[Symbol.asyncIterator]();
+  await iterator.next();
+  const second = await generate(context, { system, prompt: 'second question', cache, sequence: 1, maxTokens: 6 }).result;
+  t.equal(second.tier, 'resident', 'copied from sequence 0 while it generates, not imported from RAM');
+  t.ok(second.cachedTokens >= templatePrefix(model, { system })!.length, `${second.cachedTokens} tokens restored`);
+  t.same(Array.from(second.tokens), expected.b, 'the same tokens as alone');
+  for (;;) if ((await iterator.next()).done) break;
+  await first.result;
+
+  // Behind the cache's back, sequence 0 loses its tail and sequence 1 is cleared: neither record
+  // may be used, and the restore falls back to the RAM entry with the same answer.
+  await context.exclusive(() => {
+    context.memory.remove(0, 10);
+    context.memory.remove(1);
+  });
+  const third = await generate(context, { system, prompt: 'third question', cache, sequence: 2, maxTokens: 6 }).result;
+  t.equal(third.tier, 'ram', 'an edited sequence is never copied from');
+  t.same(Array.from(third.tokens), expected.c, 'the same tokens as alone');
+  await context.dispose();
+});
+
 t.test('an aborted generation leaves the context usable and the cache intact', async (t) => {
   const dir = t.testdir();
   const cache = new PromptCache({ dir });

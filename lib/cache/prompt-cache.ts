@@ -94,12 +94,27 @@ interface Candidate {
   entryTokens: number;
   key?: string;
   sourceSequence?: number;
+  /** The resident record the candidate was found in; the copy happens only if it is still current. */
+  record?: ResidentRecord;
   ram?: RamItem;
   file?: { name: string; path: string; entry: EntryFile };
 }
 
-/** A disk candidate whose file another process removed or replaced since the scan: a miss. */
+/** A disk candidate whose file another process removed or replaced since the scan, or a resident
+ * source sequence that was rewritten since: a miss. */
 class EntryGone extends Error {}
+
+/**
+ * What a sequence of a context holds from position 0, for the resident tier. An `extending` record
+ * belongs to a caller that only appends to the sequence until it records it again (generate()
+ * between its restore and its end): the recorded positions stay valid while the sequence grows,
+ * so concurrent requests copy the shared prefix from it (sharing its KV cells) instead of importing
+ * another copy of it from RAM.
+ */
+interface ResidentRecord {
+  tokens: Int32Array;
+  extending: boolean;
+}
 
 /** A problem found by verify(). */
 export interface VerifyProblem {
@@ -123,7 +138,7 @@ export class PromptCache extends EventEmitter {
   private readonly store: CacheStore | undefined;
   private readonly ram = new Map<string, RamItem>();
   /** What each sequence of a context holds, as far as the cache put it there. */
-  private readonly resident = new WeakMap<Context, Map<number, Int32Array>>();
+  private readonly resident = new WeakMap<Context, Map<number, ResidentRecord>>();
   private readonly reported = new Set<string>();
   private readonly pendingWrites = new Set<Promise<unknown>>();
   private diskSummary = { entries: 0, bytes: 0, tokens: 0 };
@@ -163,6 +178,10 @@ export class PromptCache extends EventEmitter {
     const candidates = (await this.candidates(context, identity, prompt, sequence, limit)).filter((c) => c.length >= this.minTokens);
     candidates.sort((a, b) => b.length - a.length || TIER_ORDER[a.tier] - TIER_ORDER[b.tier]);
     for (const candidate of candidates.slice(0, 3)) {
+      // The sequence is about to be rewritten: from here on its old record must not be copied from
+      // by a concurrent restore. A hit on its own record only trims it, so the prefix stays valid.
+      if (candidate.tier === 'resident' && candidate.sourceSequence === sequence) this.setResident(context, sequence, prompt.subarray(0, candidate.length));
+      else this.setResident(context, sequence, new Int32Array(0));
       try {
         await this.apply(context, candidate, sequence);
       } catch (err) {
@@ -236,12 +255,14 @@ export class PromptCache extends EventEmitter {
   }
 
   /** Records that `sequence` of `context` now holds `tokens` from position 0 (for the resident tier).
-   * Callers that decode into a sequence themselves (generate, sessions) keep this up to date. */
-  setResident(context: Context, sequence: number, tokens: Int32Array): void {
+   * Callers that decode into a sequence themselves (generate, sessions) keep this up to date.
+   * `extending`: the caller only appends to the sequence until it records it again, so the record
+   * stays valid while the sequence grows past it. */
+  setResident(context: Context, sequence: number, tokens: Int32Array, options: { extending?: boolean } = {}): void {
     let sequences = this.resident.get(context);
     if (!sequences) this.resident.set(context, (sequences = new Map()));
     if (tokens.length === 0) sequences.delete(sequence);
-    else sequences.set(sequence, tokens.slice());
+    else sequences.set(sequence, { tokens: tokens.slice(), extending: options.extending === true });
   }
 
   /** Every entry in RAM, on disk and in the store. */
@@ -383,15 +404,13 @@ export class PromptCache extends EventEmitter {
     const sequences = this.resident.get(context);
     if (sequences) {
       const ranges = await context.exclusive(() => new Map([...sequences.keys()].map((s) => [s, context.memory.range(s)])));
-      for (const [source, held] of sequences) {
-        // Trust the record only while the sequence still holds exactly those positions: a caller
-        // may have edited the KV cache behind the cache's back.
-        const range = ranges.get(source)!;
-        if (range.min !== 0 || range.max !== held.length - 1) {
+      for (const [source, record] of sequences) {
+        if (!residentHolds(record, ranges.get(source)!)) {
           sequences.delete(source);
           continue;
         }
-        out.push({ tier: 'resident', length: Math.min(limit, commonPrefix(held, prompt)), entryTokens: held.length, sourceSequence: source });
+        const held = record.tokens;
+        out.push({ tier: 'resident', length: Math.min(limit, commonPrefix(held, prompt)), entryTokens: held.length, sourceSequence: source, record });
       }
     }
     for (const [key, item] of this.ram) {
@@ -441,8 +460,16 @@ export class PromptCache extends EventEmitter {
         const source = candidate.sourceSequence!;
         if (source !== sequence) {
           await context.exclusive(() => {
+            // The source may have been rewritten by a concurrent restore since the candidates
+            // were listed: copy only from the record that was matched, still held.
+            if (this.resident.get(context)?.get(source) !== candidate.record || !residentHolds(candidate.record!, memory.range(source))) throw new EntryGone();
             memory.remove(sequence);
             memory.copy(source, sequence, 0, candidate.length);
+          });
+        } else {
+          // Its own record: still there unless an earlier candidate of this restore cleared it.
+          await context.exclusive(() => {
+            if (!residentHolds(candidate.record!, memory.range(sequence))) throw new EntryGone();
           });
         }
         break;
@@ -616,4 +643,12 @@ export function commonPrefix(a: ArrayLike<number>, b: ArrayLike<number>): number
   let i = 0;
   while (i < n && a[i] === b[i]) i++;
   return i;
+}
+
+/** Whether a sequence holding positions `range` can still hold what `record` says: exactly those
+ * positions, or (while its owner only appends) at least them. A caller may have edited the KV cache
+ * behind the cache's back, so the record is trusted only this far. */
+function residentHolds(record: ResidentRecord, range: { min: number; max: number }): boolean {
+  const last = record.tokens.length - 1;
+  return range.min === 0 && (record.extending ? range.max >= last : range.max === last);
 }

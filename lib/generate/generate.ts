@@ -189,6 +189,9 @@ async function runGeneration(context: Context, options: GenerateOptions, emit: (
     if (cache) {
       const restored = await cache.restore(context, prompt, { sequence, maxTokens: prompt.length - 1 });
       ({ cachedTokens, tier, restoreMs } = restored);
+      // From here this call only appends to the sequence (its finally records it exactly), so
+      // concurrent generations may copy the restored prefix from it.
+      cache.setResident(context, sequence, prompt.subarray(0, cachedTokens), { extending: true });
     } else {
       await context.exclusive(() => context.memory.remove(sequence));
     }
@@ -201,6 +204,7 @@ async function runGeneration(context: Context, options: GenerateOptions, emit: (
       await scheduler.submit(sequence, prompt.subarray(cachedTokens, prefixLength), cachedTokens, { signal: options.signal, onProgress: progress(0) });
       held = prefixLength;
       await cache.save(context, prompt.subarray(0, prefixLength), { sequence, label: templateLabel(prompt.subarray(0, prefixLength)) });
+      cache.setResident(context, sequence, prompt.subarray(0, prefixLength), { extending: true });
     }
     let next = -1;
     const sample = (index: number) => {
