@@ -705,7 +705,10 @@ async function guard(side: Side, signal: AbortSignal, phase: () => Promise<void>
     await phase();
   } catch (err) {
     if ((err as Error).name === 'AbortError' || signal.aborted) throw err;
-    side.failed = `${(err as Error).message}${side.server.log ? `\n${side.server.name} log:\n${side.server.log.slice(-1500)}` : ''}`;
+    // The server logs why (with the stack) as it ends the stream, which reaches this process's pipe
+    // after the client has seen the error: give it a moment, then keep enough to hold the stack.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    side.failed = `${(err as Error).message}${side.server.log ? `\n${side.server.name} log:\n${side.server.log.slice(-6000)}` : ''}`;
     process.stderr.write(`kvstash bench: ${side.server.name} left out: ${side.failed}\n`);
     await side.server.stop();
   }
