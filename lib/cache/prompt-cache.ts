@@ -179,8 +179,9 @@ export class PromptCache extends EventEmitter {
     candidates.sort((a, b) => b.length - a.length || TIER_ORDER[a.tier] - TIER_ORDER[b.tier]);
     for (const candidate of candidates.slice(0, 3)) {
       // The sequence is about to be rewritten: from here on its old record must not be copied from
-      // by a concurrent restore. A hit on its own record only trims it, so the prefix stays valid.
-      if (candidate.tier === 'resident' && candidate.sourceSequence === sequence) this.setResident(context, sequence, prompt.subarray(0, candidate.length));
+      // by a concurrent restore. A hit on its own record only trims what runs past the prefix, so
+      // the prefix stays valid (and lendable) throughout.
+      if (candidate.tier === 'resident' && candidate.sourceSequence === sequence) this.setResident(context, sequence, prompt.subarray(0, candidate.length), { extending: true });
       else this.setResident(context, sequence, new Int32Array(0));
       try {
         await this.apply(context, candidate, sequence);
