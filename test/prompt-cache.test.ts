@@ -116,6 +116,24 @@ t.test('a miss, a warm, and a hit from each tier give the logits of a cold prefi
   t.match(diskCache.stats(), { hits: { disk: 1, ram: 1 }, partialHits: 1 });
 });
 
+t.test('resident sources rewritten between the lookup and the copy are skipped, however many, and the restore falls back to RAM', async (t) => {
+  const cache = cacheIn(t);
+  const context = await model.createContext({ contextSize: 2048, sequences: 5 });
+  await cache.warm(context, prefix, { sequence: 0 });
+  for (const sequence of [1, 2, 3]) t.equal((await cache.restore(context, prefix, { sequence })).tier, 'resident', `sequence ${sequence} holds the prefix`);
+  // The restore lists its candidates (four resident sources and the RAM entry, all of the prefix's
+  // length) in its first exclusive turn; the next turn, queued now, clears every source before
+  // its copy can run.
+  const pending = restoredLogits(cache, context, prompt, 4);
+  await context.exclusive(() => {
+    for (const sequence of [0, 1, 2, 3]) context.memory.remove(sequence);
+  });
+  const { restored, logits } = await pending;
+  t.match(restored, { tier: 'ram', cachedTokens: prefix.length }, 'four sources gone, then the RAM entry');
+  t.ok(bitIdentical(logits, await coldLogits(prompt, prefix.length)), 'the logits of a cold prefill');
+  await context.dispose();
+});
+
 t.test('an entry of another model of the same shape is refused (E_CACHE_MISMATCH), generation still works', async (t) => {
   const dir = t.testdir();
   const other = await loadModel(await tinyModel(2));

@@ -177,7 +177,12 @@ export class PromptCache extends EventEmitter {
     const identity = contextIdentity(context);
     const candidates = (await this.candidates(context, identity, prompt, sequence, limit)).filter((c) => c.length >= this.minTokens);
     candidates.sort((a, b) => b.length - a.length || TIER_ORDER[a.tier] - TIER_ORDER[b.tier]);
-    for (const candidate of candidates.slice(0, 3)) {
+    // At most 3 candidates that fail for real (each may have cost a read); one that is simply gone
+    // (a resident source rewritten meanwhile, a file another process evicted) costs nothing, and
+    // with many sequences lending one prefix, several can be gone at once.
+    let failures = 0;
+    for (const candidate of candidates) {
+      if (failures === 3) break;
       // The sequence is about to be rewritten: from here on its old record must not be copied from
       // by a concurrent restore. A hit on its own record only trims what runs past the prefix, so
       // the prefix stays valid (and lendable) throughout.
@@ -187,6 +192,7 @@ export class PromptCache extends EventEmitter {
         await this.apply(context, candidate, sequence);
       } catch (err) {
         this.reportFailure(err, candidate);
+        if (!(err instanceof EntryGone)) failures++;
         continue;
       }
       this.setResident(context, sequence, prompt.subarray(0, candidate.length));
