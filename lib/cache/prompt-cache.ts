@@ -410,12 +410,9 @@ export class PromptCache extends EventEmitter {
     const out: Candidate[] = [];
     const sequences = this.resident.get(context);
     if (sequences) {
-      const ranges = await context.exclusive(() => new Map([...sequences.keys()].map((s) => [s, context.memory.range(s)])));
+      // Whether each source still holds its record is checked where it is copied, in the same
+      // exclusive turn as the copy: one turn behind the running decodes instead of two.
       for (const [source, record] of sequences) {
-        if (!residentHolds(record, ranges.get(source)!)) {
-          sequences.delete(source);
-          continue;
-        }
         const held = record.tokens;
         out.push({ tier: 'resident', length: Math.min(limit, commonPrefix(held, prompt)), entryTokens: held.length, sourceSequence: source, record });
       }
@@ -465,21 +462,27 @@ export class PromptCache extends EventEmitter {
     switch (candidate.tier) {
       case 'resident': {
         const source = candidate.sourceSequence!;
-        if (source !== sequence) {
-          await context.exclusive(() => {
-            // The source may have been rewritten by a concurrent restore since the candidates
-            // were listed: copy only from the record that was matched, still held.
-            if (this.resident.get(context)?.get(source) !== candidate.record || !residentHolds(candidate.record!, memory.range(source))) throw new EntryGone();
+        const record = candidate.record!;
+        await context.exclusive(() => {
+          if (source !== sequence) {
+            // Copy only from the record that was matched, still current (a concurrent restore may
+            // have rewritten the source since) and still held (a caller may have edited the KV
+            // cache behind the cache's back: then the record is dropped).
+            const current = this.resident.get(context)?.get(source) === record;
+            if (!current || !residentHolds(record, memory.range(source))) {
+              if (current) this.resident.get(context)!.delete(source);
+              throw new EntryGone();
+            }
             memory.remove(sequence);
             memory.copy(source, sequence, 0, candidate.length);
-          });
-        } else {
-          // Its own record: still there unless an earlier candidate of this restore cleared it.
-          await context.exclusive(() => {
-            if (!residentHolds(candidate.record!, memory.range(sequence))) throw new EntryGone();
-          });
-        }
-        break;
+          } else if (!residentHolds(record, memory.range(sequence))) {
+            // Its own record (already replaced by restore()): edited, or cleared by an earlier candidate.
+            throw new EntryGone();
+          }
+          // An entry longer than the common prefix is trimmed back to it, in the same turn.
+          if (memory.range(sequence).max !== candidate.length - 1) memory.remove(sequence, candidate.length);
+        });
+        return;
       }
       case 'ram': {
         const item = candidate.ram!;
