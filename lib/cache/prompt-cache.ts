@@ -189,7 +189,7 @@ export class PromptCache extends EventEmitter {
       if (candidate.tier === 'resident' && candidate.sourceSequence === sequence) this.setResident(context, sequence, prompt.subarray(0, candidate.length), { extending: true });
       else this.setResident(context, sequence, new Int32Array(0));
       try {
-        await this.apply(context, candidate, sequence);
+        await this.apply(context, candidate, sequence, prompt);
       } catch (err) {
         this.reportFailure(err, candidate);
         if (!(err instanceof EntryGone)) failures++;
@@ -457,7 +457,7 @@ export class PromptCache extends EventEmitter {
     return out;
   }
 
-  private async apply(context: Context, candidate: Candidate, sequence: number): Promise<void> {
+  private async apply(context: Context, candidate: Candidate, sequence: number, prompt: Int32Array): Promise<void> {
     const memory = context.memory;
     switch (candidate.tier) {
       case 'resident': {
@@ -465,14 +465,17 @@ export class PromptCache extends EventEmitter {
         const record = candidate.record!;
         await context.exclusive(() => {
           if (source !== sequence) {
-            // Copy only from the record that was matched, still current (a concurrent restore may
-            // have rewritten the source since) and still held (a caller may have edited the KV
-            // cache behind the cache's back: then the record is dropped).
-            const current = this.resident.get(context)?.get(source) === record;
-            if (!current || !residentHolds(record, memory.range(source))) {
-              if (current) this.resident.get(context)!.delete(source);
+            // Copy only what the source's current record still vouches for (a concurrent restore
+            // may have rewritten it since the lookup, often keeping the same prefix) and only
+            // while the source holds it (a caller may have edited the KV cache behind the cache's
+            // back: then the record is dropped).
+            const current = this.resident.get(context)?.get(source);
+            if (!current) throw new EntryGone();
+            if (!residentHolds(current, memory.range(source))) {
+              this.resident.get(context)!.delete(source);
               throw new EntryGone();
             }
+            if (commonPrefix(current.tokens, prompt) < candidate.length) throw new EntryGone();
             memory.remove(sequence);
             memory.copy(source, sequence, 0, candidate.length);
           } else if (!residentHolds(record, memory.range(sequence))) {
