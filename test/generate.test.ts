@@ -116,6 +116,28 @@ t.test('concurrent generations on 4 sequences give each the tokens it gets alone
   await context.dispose();
 });
 
+t.test('requests that arrive together restore from the cache and share one prompt batch', async (t) => {
+  const cache = new PromptCache({ dir: t.testdir() });
+  const context = await model.createContext({ contextSize: 4096, sequences: 4 });
+  await generate(context, { system, prompt: 'warm', cache, sequence: 0, maxTokens: 1 }).result;
+  // No sequence lends the prefix: every request imports it from RAM, a native operation each, and
+  // the first import ends (and its prompt is submitted) while the other three still wait their turn.
+  cache.setResident(context, 0, new Int32Array(0));
+  let decodes = 0;
+  const decode = context.decode.bind(context);
+  context.decode = (tokens, options) => {
+    decodes++;
+    return decode(tokens, options);
+  };
+  const questions = ['one', 'two two', 'three three three', 'four'];
+  const results = await Promise.all(questions.map((question, i) => generate(context, { system, prompt: question, cache, sequence: i, maxTokens: 4 }).result));
+  t.same(results.map((r) => r.tier), ['ram', 'ram', 'ram', 'ram']);
+  // The first prompt's batch waits for the imports already queued on the context, so all four
+  // prompts go in one batch, then 3 shared steps.
+  t.equal(decodes, 4, 'one prompt batch and 3 steps');
+  await context.dispose();
+});
+
 t.test('a generation still running lends its restored prefix to the next one: shared KV cells, not another copy', async (t) => {
   const cache = new PromptCache({ dir: t.testdir() });
   const context = await model.createContext({ contextSize: 4096, sequences: 3 });

@@ -58,10 +58,27 @@ export class BatchScheduler {
 
   private async drain(): Promise<void> {
     try {
-      while (this.waiting.length > 0) await this.runBatch();
+      while (this.waiting.length > 0) {
+        await this.letQueuedRestoresIn();
+        await this.runBatch();
+      }
     } finally {
       this.running = false;
     }
+  }
+
+  /**
+   * Before a batch with a prompt in it, the operations already queued on the context run first:
+   * they are, typically, the cache restores of requests that arrived with this one, and their
+   * prompts then join this batch instead of waiting a whole prompt batch for the next (4 clients
+   * arriving together: the 3 others' first tokens came one prefill later than the first's).
+   * Single-token steps never wait for this.
+   */
+  private async letQueuedRestoresIn(): Promise<void> {
+    if (this.context.pendingOperations === 0 || !this.waiting.some((s) => s.tokens.length - s.done > 1)) return;
+    await this.context.exclusive(() => undefined);
+    // Their continuations submit within microtasks of that turn; one macrotask lets them all.
+    await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
   private async runBatch(): Promise<void> {
