@@ -1,7 +1,7 @@
 // generate(): streaming, stops, template prefix caching, continuous batching, abort.
 import t from 'tap';
 import { templatePrefix } from '../lib/generate/generate.js';
-import { generate, loadModel, PromptCache, type Model } from '../lib/index.js';
+import { generate, loadModel, PromptCache, type Context, type Model } from '../lib/index.js';
 import { prose, tinyModel } from './helpers/fixtures.js';
 
 let model: Model;
@@ -11,6 +11,17 @@ t.before(async () => {
 t.teardown(() => model.dispose());
 
 const system = prose(500, 7);
+
+/** Counts the context's decode calls from now on. */
+function countDecodes(context: Context): () => number {
+  let decodes = 0;
+  const decode = context.decode.bind(context);
+  context.decode = (tokens, options) => {
+    decodes++;
+    return decode(tokens, options);
+  };
+  return () => decodes;
+}
 
 t.test('streams text chunks that add up to the result', async (t) => {
   const context = await model.createContext({ contextSize: 2048 });
@@ -98,12 +109,7 @@ t.test('concurrent generations on 4 sequences give each the tokens it gets alone
     await context.dispose();
   }
   const context = await model.createContext({ contextSize: 4096, sequences: 4 });
-  let decodes = 0;
-  const decode = context.decode.bind(context);
-  context.decode = (tokens, options) => {
-    decodes++;
-    return decode(tokens, options);
-  };
+  const decodes = countDecodes(context);
   const together = await Promise.all(
     questions.map((question, i) => generate(context, { system, prompt: question, sequence: i, maxTokens: 8 }).result),
   );
@@ -112,7 +118,7 @@ t.test('concurrent generations on 4 sequences give each the tokens it gets alone
   // decodes: 36 for four. Batched, the steps of all four share decodes.
   // The README's figure: 12 (the four ~520-token prompts share 5 batches of 512 tokens, then the
   // 7 generation steps are shared).
-  t.ok(decodes <= 12, `${decodes} decodes for 4 concurrent generations (36 if serialized)`);
+  t.ok(decodes() <= 12, `${decodes()} decodes for 4 concurrent generations (36 if serialized)`);
   await context.dispose();
 });
 
@@ -123,18 +129,13 @@ t.test('requests that arrive together restore from the cache and share one promp
   // No sequence lends the prefix: every request imports it from RAM, a native operation each, and
   // the first import ends (and its prompt is submitted) while the other three still wait their turn.
   cache.setResident(context, 0, new Int32Array(0));
-  let decodes = 0;
-  const decode = context.decode.bind(context);
-  context.decode = (tokens, options) => {
-    decodes++;
-    return decode(tokens, options);
-  };
+  const decodes = countDecodes(context);
   const questions = ['one', 'two two', 'three three three', 'four'];
   const results = await Promise.all(questions.map((question, i) => generate(context, { system, prompt: question, cache, sequence: i, maxTokens: 4 }).result));
   t.same(results.map((r) => r.tier), ['ram', 'ram', 'ram', 'ram']);
   // The first prompt's batch waits for the imports already queued on the context, so all four
   // prompts go in one batch, then 3 shared steps.
-  t.equal(decodes, 4, 'one prompt batch and 3 steps');
+  t.equal(decodes(), 4, 'one prompt batch and 3 steps');
   await context.dispose();
 });
 

@@ -94,7 +94,8 @@ interface Candidate {
   entryTokens: number;
   key?: string;
   sourceSequence?: number;
-  /** The resident record the candidate was found in; the copy happens only if it is still current. */
+  /** The resident record the candidate was found in: what a restore into the source itself checks
+   * (a copy from another sequence checks that sequence's current record instead). */
   record?: ResidentRecord;
   ram?: RamItem;
   file?: { name: string; path: string; entry: EntryFile };
