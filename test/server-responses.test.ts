@@ -179,12 +179,6 @@ t.test('service: GET, DELETE, store:false, streaming events and errors', async (
   await service.close();
 });
 
-t.test('service: an RKLLM model is refused with a coded error', async (t) => {
-  const service = new ResponsesService({ dir: t.testdir() });
-  const served = { id: 'npu', kind: 'rkllm', context: null, cache: null } as unknown as ServedModel;
-  await t.rejects(service.create(served, { input: 'x' }, { signal: new AbortController().signal }), { status: 400, code: 'unsupported_model' });
-});
-
 // --- over HTTP, with the official client and a real server process ---------------------------
 
 function serveArgs(models: string, sessions: string, cache: string): string[] {

@@ -1,7 +1,9 @@
 // An RKLLM model served by the same endpoints, on the fake librkllmrt.so: discovered as
 // models/<name>/<file>.rkllm with a model.json (runtime version, library), the same text as
 // loadRkllmModel gives, streamed and plain, its system-prompt cache reused across requests, one
-// generation at a time (concurrent requests queue), and what RKLLM cannot do refused with 400.
+// generation at a time (concurrent requests queue), Responses chains that restore their
+// checkpoints (after SIGKILL and a restart too, branching, a damaged checkpoint passed over), and
+// what RKLLM cannot do refused with 400.
 import fs from 'node:fs';
 import path from 'node:path';
 import OpenAI from 'openai';
@@ -9,6 +11,7 @@ import t from 'tap';
 import { CHATML_TEMPLATE, loadRkllmModel } from '../lib/index.js';
 import { fakeRuntimeLibrary } from './helpers/fake-rkllm.js';
 import { addFakeRkllmModel, metric, raw, startInProcess } from './helpers/serve.js';
+import { killHard, startServer } from './helpers/server-process.js';
 
 const root = t.testdir();
 const models = path.join(root, 'farm', 'models');
@@ -109,4 +112,82 @@ t.test('what RKLLM cannot do is a 400, not a 500', async (t) => {
   );
   t.equal(await status(client.chat.completions.create({ model: 'qwen-old', messages: [user], max_tokens: 3 })), '400', 'runtime 1.2.1 fixes the token limit at load');
   t.equal(await status(client.chat.completions.create({ model: 'qwen-old', messages: [user] })), 200, 'without max_tokens it answers');
+});
+
+t.test('a Responses chain on an RKLLM model restores its checkpoints: after SIGKILL and a restart, branching, past a damaged one', async (t) => {
+  const dir = t.testdir();
+  const farm = path.join(dir, 'models');
+  fs.mkdirSync(farm, { recursive: true });
+  addFakeRkllmModel(farm, 'qwen-fake', '1.3.0');
+  const args = (name: string) => ['--models', farm, '--sessions-dir', path.join(dir, `sessions-${name}`), '--cache-dir', path.join(dir, `cache-${name}`)];
+  const ask = { model: 'qwen-fake', instructions: SYSTEM, max_output_tokens: 6 } as const;
+  const T = CHATML_TEMPLATE;
+  const bytes = (text: string) => Buffer.byteLength(text, 'utf8');
+  // What the backend renders (the fake's tokens are bytes): the system block, each input between
+  // prefix and postfix, each reply followed by turnEnd.
+  const system = T.system.replace('{system}', SYSTEM);
+  const exchange = (input: string, reply: string) => `${T.prefix}${input}${T.postfix}${reply}${T.turnEnd}`;
+  const open = (c: OpenAI) => c.responses.create({ ...ask, input: QUESTION }) as Promise<any>;
+  const next = (c: OpenAI, previous: string, input: string) => c.responses.create({ ...ask, input, previous_response_id: previous }) as Promise<any>;
+
+  // A: the uninterrupted server.
+  const a = await startServer(args('a'));
+  t.teardown(() => killHard(a));
+  const clientA = new OpenAI({ baseURL: `${a.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  const a1 = await open(clientA);
+  // The backend makes the system prompt's cache on the way (in --cache-dir, shared with chat
+  // completions), then loads it and prefills the rest.
+  t.equal(a1.usage.input_tokens_details.cached_tokens, bytes(system), "the first response starts from the system prompt's cache");
+  t.equal(a1.kvstash.evaluated_tokens, bytes(`${T.prefix}${QUESTION}${T.postfix}`));
+  const a2 = await next(clientA, a1.id, 'Go on.');
+  const a1Conversation = system + exchange(QUESTION, a1.output_text);
+  t.equal(a2.kvstash.tier, 'disk', "the continuation loads the parent's checkpoint");
+  t.equal(a2.usage.input_tokens_details.cached_tokens, bytes(a1Conversation), 'everything the first exchange left is restored');
+  t.equal(a2.kvstash.evaluated_tokens, bytes(`${T.prefix}Go on.${T.postfix}`), 'only the new input is prefilled');
+
+  // B: the same first request, SIGKILL right after the reply, a restart, the continuation.
+  const b = await startServer(args('b'));
+  const clientB = new OpenAI({ baseURL: `${b.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  const b1 = await open(clientB);
+  t.equal(b1.output_text, a1.output_text);
+  await killHard(b);
+  t.equal(await b.exited, 'SIGKILL');
+  const b2server = await startServer(args('b'));
+  t.teardown(() => killHard(b2server));
+  const clientB2 = new OpenAI({ baseURL: `${b2server.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  const b2 = await next(clientB2, b1.id, 'Go on.');
+  t.equal(b2.output_text, a2.output_text, 'the same text as the uninterrupted server');
+  t.same(b2.usage, a2.usage, 'the same counts: restored, not re-evaluated');
+  t.equal(b2.kvstash.tier, 'disk');
+
+  // Branching: a second continuation of b1, then one of each branch.
+  const other = await next(clientB2, b1.id, 'Something else.');
+  t.equal(other.usage.input_tokens_details.cached_tokens, bytes(a1Conversation), "the branch restores b1's checkpoint too");
+  t.equal(other.kvstash.evaluated_tokens, bytes(`${T.prefix}Something else.${T.postfix}`));
+  const b2Conversation = a1Conversation + exchange('Go on.', b2.output_text);
+  const deeper = await next(clientB2, b2.id, 'And then?');
+  t.equal(deeper.usage.input_tokens_details.cached_tokens, bytes(b2Conversation), "b2's continuation restores b2's checkpoint");
+  const deeperOther = await next(clientB2, other.id, 'And then?');
+  t.equal(deeperOther.usage.input_tokens_details.cached_tokens, bytes(a1Conversation + exchange('Something else.', other.output_text)));
+
+  // A damaged checkpoint is never loaded: the continuation falls back to the grandparent's.
+  const kv = path.join(dir, 'sessions-b', 'kv', 'qwen-fake');
+  const record = JSON.parse(fs.readFileSync(path.join(dir, 'sessions-b', 'responses', `${b2.id}.json`), 'utf8'));
+  t.match(record.checkpoint, /^[0-9a-f]{32}\.kvstash$/, 'the record names its checkpoint');
+  const file = path.join(kv, record.checkpoint);
+  const damaged = fs.readFileSync(file);
+  damaged[damaged.length - 3] ^= 0x40;
+  fs.writeFileSync(file, damaged);
+  const again = await next(clientB2, b2.id, 'And then?');
+  t.equal(again.output_text, deeper.output_text, 'the same text as from the intact checkpoint');
+  t.equal(again.usage.input_tokens_details.cached_tokens, bytes(a1Conversation), "restored from b1's checkpoint, the nearest intact ancestor");
+  t.equal(again.kvstash.evaluated_tokens, bytes(exchange('Go on.', b2.output_text) + `${T.prefix}And then?${T.postfix}`));
+
+  // DELETE removes the record and its checkpoint; the rest of the chain still continues.
+  const deeperFile = path.join(kv, JSON.parse(fs.readFileSync(path.join(dir, 'sessions-b', 'responses', `${deeper.id}.json`), 'utf8')).checkpoint);
+  t.ok(fs.existsSync(deeperFile));
+  t.same(await clientB2.responses.delete(deeper.id), { id: deeper.id, object: 'response', deleted: true });
+  t.notOk(fs.existsSync(deeperFile), 'the checkpoint went with the response');
+  await t.rejects(clientB2.responses.retrieve(deeper.id), { status: 404 });
+  t.equal((await next(clientB2, other.id, 'Last one.')).kvstash.tier, 'disk');
 });

@@ -21,17 +21,23 @@
  * finds, verifies, evicts (LRU within its disk budget) and shares between processes safely. An
  * evicted or damaged entry costs time, never correctness: the restore falls back to the longest
  * prefix left (an ancestor, the system prompt) and evaluates the rest.
+ *
+ * RKLLM models run the same chains through the conversation backend of RKLLM sessions, whose KV
+ * state is a checkpoint entry per stored response (rkllmTurn below).
  */
 import { randomBytes } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { PromptCache, commonPrefix } from '../cache/prompt-cache.js';
-import { generate, type GenerationResult } from '../generate/generate.js';
+import { Generation, generate, type GenerationResult } from '../generate/generate.js';
 import type { Context } from '../llama/context.js';
 import type { ChatMessage } from '../llama/model.js';
+import type { RkllmModel } from '../rkllm/model.js';
+import type { ConversationBackend } from '../session/backend.js';
+import { conversationBackend } from '../session/backends.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 import { conversationTokens } from './conversation.js';
-import { ApiError, invalidField, type SseEvent } from './http.js';
+import { ApiError, invalidField, rejectedArguments, type SseEvent } from './http.js';
 import type { ServedModel } from './model-pool.js';
 
 /** A stored response on disk. */
@@ -42,6 +48,22 @@ interface ResponseRecord {
    * (no system message: `instructions` are per request, as in OpenAI's API). */
   messages: ChatMessage[];
   response: ResponseObject;
+  /** RKLLM: the file name of the conversation's checkpoint in the model's `kv/` folder. (A
+   * llama.cpp conversation's entry is found by its tokens: the record names none.) */
+  checkpoint?: string;
+}
+
+/** What differs between the backends in running one response. */
+interface ChainTurn {
+  /** The leased sequence now belongs to this request. */
+  claim(sequence: number): void;
+  /** Generates the reply to the conversation (restoring what is saved of it). */
+  start(sequence: number, signal: AbortSignal): Generation;
+  /** Saves the KV state of `messages` (the conversation after the reply) until it is on disk;
+   * resolves with the checkpoint's file name when the record must name it. */
+  save(sequence: number, result: GenerationResult, messages: ChatMessage[], id: string): Promise<string | undefined>;
+  /** The request is over (whatever happened). */
+  release(sequence: number): void;
 }
 
 type ResponseObject = Record<string, unknown> & { id: string; output_text: string };
@@ -58,6 +80,10 @@ interface ParsedRequest {
 }
 
 const RESPONSE_ID = /^resp_[0-9a-f]{48}$/;
+/** A checkpoint's name as the record holds it: a cache entry's file name, never a path. */
+const CHECKPOINT_FILE = /^[0-9a-f]{32}\.kvstash$/;
+/** How far up a chain a continuation looks for an intact checkpoint before prefilling. */
+const MAX_ANCESTORS = 8;
 /** Default output budget when the request sets no max_output_tokens. Unit: tokens. */
 const DEFAULT_MAX_OUTPUT_TOKENS = 256;
 
@@ -108,7 +134,8 @@ export class ResponsesService {
   async delete(id: string): Promise<object> {
     const record = await this.readRecord(id, 'id');
     await fsp.rm(this.recordPath(id), { force: true });
-    await this.cacheFor(record.model).delete(kvLabel(id));
+    if (record.checkpoint !== undefined && CHECKPOINT_FILE.test(record.checkpoint)) await fsp.rm(path.join(this.kvDir(record.model), record.checkpoint), { force: true });
+    else await this.cacheFor(record.model).delete(kvLabel(id));
     return { id, object: 'response', deleted: true };
   }
 
@@ -121,25 +148,13 @@ export class ResponsesService {
 
   private async *run(served: ServedModel, body: unknown, signal: AbortSignal): AsyncGenerator<SseEvent> {
     const request = parseRequest(body);
-    if (served.kind !== 'llama' || !served.context) {
-      throw new ApiError(400, `model '${served.id}' is an RKLLM model; /v1/responses serves llama.cpp models (use /v1/chat/completions)`, {
-        code: 'unsupported_model',
-        param: 'model',
-        retryable: false,
-      });
-    }
-    const context = served.context;
-    const model = context.model;
     const parent = request.previousId === null ? undefined : await this.readRecord(request.previousId, 'previous_response_id');
     if (parent && parent.model !== served.id) {
       throw invalidField('previous_response_id', `response ${request.previousId} was made by model '${parent.model}', not '${served.id}'`);
     }
     const history = [...(parent?.messages ?? []), ...request.input];
-    const system = request.instructions ?? served.defaultSystem;
-    const withSystem: ChatMessage[] = system !== undefined && system !== null ? [{ role: 'system', content: system }, ...history] : history;
-    const prompt = conversationTokens(model, withSystem, { addAssistant: true });
-    const maxTokens = request.maxOutputTokens ?? DEFAULT_MAX_OUTPUT_TOKENS;
-    const cache = this.cacheFor(served.id);
+    const system = request.instructions ?? served.defaultSystem ?? undefined;
+    const turn = served.kind === 'rkllm' ? this.rkllmTurn(served, request, system, history, parent) : this.llamaTurn(served, request, system, history);
 
     const id = `resp_${randomBytes(24).toString('hex')}`;
     const itemId = `msg_${randomBytes(24).toString('hex')}`;
@@ -154,22 +169,12 @@ export class ResponsesService {
     if (signal.aborted) abort();
     signal.addEventListener('abort', abort, { once: true });
     const lease = await served.lease(own.signal);
-    let generation: ReturnType<typeof generate> | undefined;
+    let generation: Generation | undefined;
     try {
-      // The sequence now belongs to this request: what the model's shared cache recorded about it
-      // will be overwritten, and what this service's cache records stops being true on release.
-      served.cache?.setResident(context, lease.sequence, new Int32Array(0));
+      turn.claim(lease.sequence);
       yield event('response.created', { response: shape('in_progress', '') });
       yield event('response.in_progress', { response: shape('in_progress', '') });
-      generation = generate(context, {
-        prompt: prompt.tokens,
-        prefixLength: prompt.prefixLength,
-        cache,
-        sequence: lease.sequence,
-        maxTokens,
-        sampling: { temperature: request.temperature ?? 0, ...(request.topP !== null ? { topP: request.topP } : {}) },
-        signal: own.signal,
-      });
+      generation = turn.start(lease.sequence, own.signal);
       let started = false;
       for await (const delta of generation) {
         if (!started) {
@@ -184,9 +189,8 @@ export class ResponsesService {
       const final = shape(status, result.text, { usage: usage(result), kvstash: kvstashFields(result) });
       if (request.store) {
         const messages: ChatMessage[] = [...history, { role: 'assistant', content: result.text }];
-        const systemMessages = withSystem.slice(0, withSystem.length - history.length);
-        await this.saveConversation(context, cache, lease.sequence, prompt.tokens, result, [...systemMessages, ...messages], id);
-        await this.writeRecord({ version: 1, model: served.id, messages, response: final });
+        const checkpoint = await turn.save(lease.sequence, result, messages, id);
+        await this.writeRecord({ version: 1, model: served.id, messages, response: final, ...(checkpoint !== undefined ? { checkpoint } : {}) });
       }
       const item = (final.output as unknown[])[0];
       yield event('response.output_text.done', { item_id: itemId, output_index: 0, content_index: 0, text: result.text, logprobs: [] });
@@ -201,9 +205,103 @@ export class ResponsesService {
         own.abort();
         await generation.result.catch(() => undefined);
       }
-      cache.setResident(context, lease.sequence, new Int32Array(0));
+      turn.release(lease.sequence);
       lease.release();
     }
+  }
+
+  /**
+   * A turn on a llama.cpp context: the conversation as canonical tokens, generated with the
+   * per-model cache, which restores the longest saved prefix (the parent's entry) by itself.
+   */
+  private llamaTurn(served: ServedModel, request: ParsedRequest, system: string | undefined, history: ChatMessage[]): ChainTurn {
+    const context = served.context!;
+    const withSystem: ChatMessage[] = system !== undefined ? [{ role: 'system', content: system }, ...history] : history;
+    const prompt = conversationTokens(context.model, withSystem, { addAssistant: true });
+    const cache = this.cacheFor(served.id);
+    return {
+      // The sequence now belongs to this request: what the model's shared cache recorded about it
+      // will be overwritten, and what this service's cache records stops being true on release.
+      claim: (sequence) => served.cache?.setResident(context, sequence, new Int32Array(0)),
+      start: (sequence, signal) =>
+        generate(context, {
+          prompt: prompt.tokens,
+          prefixLength: prompt.prefixLength,
+          cache,
+          sequence,
+          maxTokens: request.maxOutputTokens ?? DEFAULT_MAX_OUTPUT_TOKENS,
+          sampling: { temperature: request.temperature ?? 0, ...(request.topP !== null ? { topP: request.topP } : {}) },
+          signal,
+        }),
+      save: async (sequence, result, messages, id) => {
+        await this.saveConversation(context, cache, sequence, prompt.tokens, result, [...withSystem.slice(0, withSystem.length - history.length), ...messages], id);
+        return undefined;
+      },
+      release: (sequence) => cache.setResident(context, sequence, new Int32Array(0)),
+    };
+  }
+
+  /**
+   * A turn on an RKLLM model, through the conversation backend Session uses on the NPU
+   * (lib/session/rkllm-backend.ts): the runtime cannot hand its KV back, so each stored response
+   * is a checkpoint entry (the conversation rendered, saved through the runtime's prompt cache) in
+   * the model's `kv/<model>/` folder, named in the response's record. A continuation loads the
+   * checkpoint of the nearest ancestor that is intact and a prefix of it (the parent's, normally)
+   * and prefills only what follows; without one, the system prompt's cache, else everything.
+   */
+  private rkllmTurn(served: ServedModel, request: ParsedRequest, system: string | undefined, history: ChatMessage[], parent: ResponseRecord | undefined): ChainTurn {
+    const model = served.model as RkllmModel;
+    const backend = rejectedArguments(() => conversationBackend({ context: model }, system !== undefined ? { system } : {}));
+    const maxTokens = rejectedArguments(() => backend.replyLimit(request.maxOutputTokens ?? undefined));
+    const needed = backend.measure(history, true) + maxTokens;
+    if (needed > backend.capacity) {
+      throw new ApiError(400, `This model's maximum context length is ${backend.capacity} tokens; the conversation and its reply need up to ${needed} (bytes of the rendered text, an upper bound on its tokens).`, {
+        code: 'context_length_exceeded',
+        param: 'input',
+        retryable: false,
+      });
+    }
+    // As chat completions: per-request sampling on runtime 1.3.0, the model's own otherwise.
+    const sampling =
+      model.runtime.version === '1.3.0' && (request.temperature !== null || request.topP !== null)
+        ? { ...(request.temperature !== null ? { temperature: request.temperature } : {}), ...(request.topP !== null ? { topP: request.topP } : {}) }
+        : undefined;
+    const dir = this.kvDir(served.id);
+    return {
+      claim: () => undefined,
+      start: (_sequence, signal) =>
+        new Generation(async (emit) => {
+          const started = performance.now();
+          const restored = await this.restoreAncestor(backend, dir, parent, history);
+          const restoreMs = restored ? performance.now() - started : 0;
+          const result = await backend.reply(history, { maxTokens, ...(sampling ? { sampling } : {}), signal }, emit);
+          return { ...result, restoreMs };
+        }),
+      save: async (_sequence, _result, messages, id) => {
+        await fsp.mkdir(dir, { recursive: true });
+        const written = await backend.writeCheckpoint(dir, new Date().toISOString(), kvLabel(id), messages);
+        return path.basename(written.path);
+      },
+      release: () => undefined,
+    };
+  }
+
+  /** Loads the checkpoint of the nearest ancestor (from `record` up) that the backend accepts for
+   * `messages`; true when one was loaded. A missing, damaged or foreign checkpoint is passed over. */
+  private async restoreAncestor(backend: ConversationBackend, dir: string, record: ResponseRecord | undefined, messages: ChatMessage[]): Promise<boolean> {
+    for (let depth = 0; record && depth < MAX_ANCESTORS; depth++) {
+      if (record.checkpoint !== undefined && CHECKPOINT_FILE.test(record.checkpoint)) {
+        try {
+          await backend.restoreCheckpoint(path.join(dir, record.checkpoint), messages);
+          return true;
+        } catch {
+          // Costs the prefill of what this checkpoint held, never the turn.
+        }
+      }
+      const previous = record.response.previous_response_id;
+      record = typeof previous === 'string' ? await this.readRecord(previous, 'id').catch(() => undefined) : undefined;
+    }
+    return false;
   }
 
   /**
@@ -233,11 +331,15 @@ export class ResponsesService {
     await cache.flush();
   }
 
+  private kvDir(modelId: string): string {
+    // Model ids are folder names (ModelPool), so one path segment; encoded anyway, never a path.
+    return path.join(this.dir, 'kv', encodeURIComponent(modelId));
+  }
+
   private cacheFor(modelId: string): PromptCache {
     let cache = this.caches.get(modelId);
     if (!cache) {
-      // Model ids are folder names (ModelPool), so one path segment; encoded anyway, never a path.
-      cache = new PromptCache({ dir: path.join(this.dir, 'kv', encodeURIComponent(modelId)), maxDiskBytes: this.maxKvBytes });
+      cache = new PromptCache({ dir: this.kvDir(modelId), maxDiskBytes: this.maxKvBytes });
       this.caches.set(modelId, cache);
     }
     return cache;
