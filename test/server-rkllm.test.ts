@@ -191,3 +191,40 @@ t.test('a Responses chain on an RKLLM model restores its checkpoints: after SIGK
   await t.rejects(clientB2.responses.retrieve(deeper.id), { status: 404 });
   t.equal((await next(clientB2, other.id, 'Last one.')).kvstash.tier, 'disk');
 });
+
+t.test("/v1/cache on an RKLLM model: a named entry is the system prompt's cache its chat requests load", async (t) => {
+  const dir = t.testdir();
+  const farm = path.join(dir, 'models');
+  fs.mkdirSync(farm, { recursive: true });
+  addFakeRkllmModel(farm, 'qwen-fake', '1.3.0');
+  const cacheDir = path.join(dir, 'cache');
+  const { server, client, url } = await startInProcess({ models: farm, cacheDir });
+  t.teardown(() => server.close());
+  const rendered = CHATML_TEMPLATE.system.replace('{system}', SYSTEM);
+
+  const created = await raw(url, 'POST', '/v1/cache/qwen-fake', JSON.stringify({ name: 'farm', system: SYSTEM }));
+  t.equal(created.status, 201, created.text);
+  t.match(created.json, { object: 'cache.entry', name: 'farm', model: 'qwen-fake', key: /^[0-9a-f]{32}$/, tokens: Buffer.byteLength(rendered), tiers: ['disk'] });
+  const file = path.join(cacheDir, 'qwen-fake', `${created.json.key}.kvstash`);
+  t.equal(created.json.bytes, fs.statSync(file).size, 'the entry file in <cache-dir>/<model>/');
+  t.same((await raw(url, 'GET', '/v1/cache/qwen-fake/farm')).json, created.json);
+  t.same((await raw(url, 'GET', '/v1/cache')).json, { object: 'list', data: [created.json] });
+
+  // The first chat request with that system prompt loads the named entry instead of making one.
+  const reply = await client.chat.completions.create({ model: 'qwen-fake', messages: [{ role: 'system', content: SYSTEM }, { role: 'user', content: QUESTION }] });
+  t.equal((reply as any).kvstash.tier, 'loaded', 'the named entry is the cache the chat request loaded');
+  t.equal(reply.usage!.prompt_tokens, Buffer.byteLength(CHATML_TEMPLATE.prefix + QUESTION + CHATML_TEMPLATE.postfix), 'only the user turn was prefilled');
+  t.same(fs.readdirSync(path.join(cacheDir, 'qwen-fake')).filter((f) => f.endsWith('.kvstash')), [`${created.json.key}.kvstash`], 'no second entry was made');
+
+  const refused = await raw(url, 'POST', '/v1/cache/qwen-fake', JSON.stringify({ name: 'chat', system: SYSTEM, messages: [{ role: 'user', content: 'hi' }] }));
+  t.match(refused, { status: 400, json: { error: { code: 'unsupported_parameter', param: 'messages' } } });
+  t.equal((await raw(url, 'GET', '/v1/cache/qwen-fake/chat')).status, 404);
+
+  t.match((await raw(url, 'DELETE', '/v1/cache/qwen-fake/farm')).json, { name: 'farm', deleted: true });
+  t.notOk(fs.existsSync(file), 'the entry is gone with its name');
+  t.equal((await raw(url, 'GET', '/v1/cache/qwen-fake/farm')).status, 404);
+
+  const bare = await startInProcess({ models: farm, cacheDir: null });
+  t.teardown(() => bare.server.close());
+  t.match(await raw(bare.url, 'POST', '/v1/cache/qwen-fake', JSON.stringify({ name: 'farm', system: SYSTEM })), { status: 400, json: { error: { code: 'unsupported_model' } } });
+});

@@ -8,12 +8,19 @@
  * (fsynced) on every change. A model whose cache is RAM-only (no --cache-dir) keeps its names in
  * RAM too. Named entries live under the cache's disk budget like every other entry: one evicted
  * drops out of the listing and its name answers 404 until it is created again.
+ *
+ * An RKLLM model's named entries are system prompt caches, the only prompt caches its chat
+ * requests load: creating one makes (or finds) the very entry RkllmModel.generate() loads for that
+ * system prompt, in the model's cache directory.
  */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { ENTRY_EXTENSION } from '../cache/entry.js';
 import { PromptCache, type CacheEntryInfo } from '../cache/prompt-cache.js';
 import { preparePrompt, templatePrefix } from '../generate/generate.js';
 import type { ChatMessage } from '../llama/model.js';
+import type { RkllmModel } from '../rkllm/model.js';
+import { removeTemporaryPayload } from '../rkllm/system-prompt-cache.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
 import { ApiError, invalidField } from './http.js';
 import type { ModelPool, ServedModel } from './model-pool.js';
@@ -24,7 +31,9 @@ const INDEX_FILE = 'names.json';
 
 interface NameIndex {
   version: 1;
-  names: Record<string, { key: string; created_at: number }>;
+  /** `tokens`: RKLLM entries only, whose headers hold no tokens (UTF-8 bytes of the rendered
+   * system block, the RKLLM backend's unit). */
+  names: Record<string, { key: string; created_at: number; tokens?: number }>;
 }
 
 export interface NamedCacheEntry {
@@ -51,6 +60,8 @@ export class NamedCacheService {
   /** Indexes of RAM-only caches, and the write queue of each index (one change at a time). */
   private readonly ramIndexes = new Map<string, NameIndex>();
   private readonly writing = new Map<string, Promise<unknown>>();
+  /** A listing view of each RKLLM model's cache directory. */
+  private readonly rkllmCaches = new Map<string, PromptCache>();
 
   constructor(options: NamedCacheServiceOptions) {
     this.pool = options.pool;
@@ -61,7 +72,6 @@ export class NamedCacheService {
   async list(): Promise<object> {
     const data: NamedCacheEntry[] = [];
     for (const listing of this.pool.list()) {
-      if (listing.kind !== 'llama') continue;
       if (listing.loaded) {
         data.push(...(await this.entries(await this.pool.get(listing.id))));
       } else if (this.cacheDir) {
@@ -88,13 +98,9 @@ export class NamedCacheService {
   async create(modelId: string, body: unknown, opts: { signal?: AbortSignal } = {}): Promise<object> {
     const served = await this.pool.get(modelId);
     const request = parseCreate(body);
-    const { context, cache } = served;
-    if (!context || !cache) {
-      throw new ApiError(400, `model '${served.id}' is an RKLLM model, whose prompt caches the runtime keeps; named entries are for llama.cpp models`, {
-        code: 'unsupported_model',
-        retryable: false,
-      });
-    }
+    if (served.kind === 'rkllm') return this.createRkllm(served, request, opts.signal);
+    const context = served.context!;
+    const cache = served.cache!;
     const model = context.model;
     const chat = request.messages !== undefined || request.system !== undefined || request.tools !== undefined;
     // The tokens generate() computes for a request that starts like this one, so that its restore
@@ -138,15 +144,61 @@ export class NamedCacheService {
       return true;
     });
     if (key === undefined) throw notFound(modelId, name);
-    if (!shared) await served.cache!.delete(key);
+    if (!shared) await this.cacheOf(served)!.delete(key);
     return { object: 'cache.entry.deleted', name, model: modelId, deleted: true };
   }
 
   // -------------------------------------------------------------------------------------------
 
+  /** An RKLLM model's named entry: the system prompt's cache, found or made (one run of the
+   * system block) while the model's one sequence is leased. */
+  private async createRkllm(served: ServedModel, request: CreateRequest, signal: AbortSignal | undefined): Promise<object> {
+    const model = served.model as RkllmModel;
+    const refuse = (param: string) =>
+      new ApiError(400, `${param}: an RKLLM model's named entries are system prompt caches (the only prompt caches its requests load); give system alone`, {
+        code: 'unsupported_parameter',
+        param,
+        retryable: false,
+      });
+    for (const param of ['tools', 'messages', 'prompt'] as const) if (request[param] !== undefined) throw refuse(param);
+    if (request.system === undefined || request.system === '') throw invalidField('system', 'system must be a non-empty string');
+    if (model.cacheDir === null) {
+      throw new ApiError(400, `model '${served.id}' keeps no prompt caches: the server runs without --cache-dir`, { code: 'unsupported_model', retryable: false });
+    }
+    const rendered = model.chatTemplate.system.replace('{system}', () => request.system!);
+    const lease = await served.lease(signal);
+    let entryPath: string;
+    try {
+      const prepared = await model.exclusive(this, () => model.systemPromptCacheFor(rendered, signal), signal);
+      // undefined: the runtime could not save it; the model's 'problem' event has the reason.
+      if (prepared === undefined) throw new Error(`the RKLLM runtime could not save the prompt cache of '${request.name}'`);
+      await removeTemporaryPayload(prepared.payloadPath);
+      entryPath = prepared.entryPath;
+    } finally {
+      lease.release();
+    }
+    const key = path.basename(entryPath, ENTRY_EXTENSION);
+    await this.updateIndex(served, (index) => {
+      index.names[request.name] = { key, created_at: Math.floor(Date.now() / 1000), tokens: Buffer.byteLength(rendered, 'utf8') };
+    });
+    return this.get(served.id, request.name);
+  }
+
+  /** The cache that holds a model's named entries: its prompt cache (llama), a listing of its
+   * cache directory (RKLLM), none for an RKLLM model without one. */
+  private cacheOf(served: ServedModel): PromptCache | null {
+    if (served.kind !== 'rkllm') return served.cache;
+    const dir = (served.model as RkllmModel).cacheDir;
+    if (dir === null) return null;
+    let cache = this.rkllmCaches.get(served.id);
+    if (!cache) this.rkllmCaches.set(served.id, (cache = new PromptCache({ dir, maxRamBytes: 0 })));
+    return cache;
+  }
+
   private async entries(served: ServedModel): Promise<NamedCacheEntry[]> {
-    if (!served.cache) return [];
-    return this.entriesIn(served.id, served.cache.dir, served.cache);
+    const cache = this.cacheOf(served);
+    if (!cache) return [];
+    return this.entriesIn(served.id, cache.dir, cache);
   }
 
   private async entriesIn(modelId: string, dir: string | null, cache: PromptCache): Promise<NamedCacheEntry[]> {
@@ -155,10 +207,10 @@ export class NamedCacheService {
     if (names.length === 0) return [];
     const byKey = new Map((await cache.list()).map((info) => [info.key, info]));
     const out: NamedCacheEntry[] = [];
-    for (const [name, { key, created_at }] of names.sort(([a], [b]) => a.localeCompare(b))) {
+    for (const [name, { key, created_at, tokens }] of names.sort(([a], [b]) => a.localeCompare(b))) {
       const info = byKey.get(key);
       if (!info) continue; // evicted, or deleted by hand
-      out.push({ object: 'cache.entry', name, model: modelId, key, tokens: info.tokenCount, bytes: info.bytes, created_at, tiers: info.tiers });
+      out.push({ object: 'cache.entry', name, model: modelId, key, tokens: tokens ?? info.tokenCount, bytes: info.bytes, created_at, tiers: info.tiers });
     }
     return out;
   }
@@ -179,7 +231,7 @@ export class NamedCacheService {
 
   /** Read, change, write the model's index, one change at a time; `change` returning false skips the write. */
   private async updateIndex(served: ServedModel, change: (index: NameIndex) => boolean | void): Promise<void> {
-    const dir = served.cache?.dir ?? null;
+    const dir = this.cacheOf(served)?.dir ?? null;
     const previous = this.writing.get(served.id) ?? Promise.resolve();
     const next = previous
       .catch(() => undefined)
