@@ -173,6 +173,34 @@ t.test('a missing, evicted or damaged part makes the entry absent: deleted, repo
   }
 });
 
+t.test('parts are read together over connections of their own; a damaged part among them is still rejected', async (t) => {
+  const own = await RedisServer.start();
+  t.teardown(() => own.stop());
+  const store = new RedisStore({ url: own.url, partBytes: 65536, readConnections: 3 });
+  t.teardown(() => store.close());
+  // A prefix long enough for several parts of 64 KiB.
+  const long = promptTokens(model, 900, 61);
+  const longPrompt = new Int32Array([...long, ...promptTokens(model, 20, 62)]);
+  const key = await warmInto(new PromptCache({ dir: null, store }), long);
+  const parts = ((await own.admin(['KEYS', `kvstash:p:${key}:*`])) as string[]).sort((a, b) => Number(a.split(':').pop()) - Number(b.split(':').pop()));
+  t.ok(parts.length >= 4, `${parts.length} parts`);
+  const clients = async () => ((await own.admin(['CLIENT', 'LIST'])) as string).trim().split('\n').length;
+  const before = await clients();
+  t.match((await restoredLogits(new PromptCache({ dir: null, store }), longPrompt)).restored, { tier: 'store' });
+  t.equal((await clients()) - before, 3, 'three connections of its own beside the one of lookups and writes');
+
+  // A flipped byte in a part in the middle of the ones in flight.
+  await own.admin(['SETRANGE', parts[Math.floor(parts.length / 2)]!, '4000', 'X']);
+  const cache = new PromptCache({ dir: null, store });
+  const problems = problemsOf(cache);
+  const result = await restoredLogits(cache, longPrompt);
+  t.match(result.restored, { tier: null, cachedTokens: 0 }, 'falls back to prefill');
+  t.ok(bitIdentical(result.logits, await coldLogits(longPrompt)), 'the prefill is exact');
+  t.match(problems, [{ code: 'E_CACHE_CORRUPT', key, message: /checksum/ }]);
+  t.same(await own.admin(['KEYS', 'kvstash:[mp]:*']), [], 'manifest and parts deleted');
+  t.match((await restoredLogits(new PromptCache({ dir: null, store }), longPrompt)).restored, { tier: null }, 'absent afterwards');
+});
+
 t.test('a damaged manifest is absent and deleted; an evicted manifest drops its index fields', async (t) => {
   const store = storeFor(t);
   const key = await warmInto(new PromptCache({ dir: null, store }), prefix);
@@ -214,6 +242,7 @@ t.test('bad options are TypeError/RangeError; a store that cannot be reached is 
   t.throws(() => new RedisStore({ url: server.url, partBytes: 1000 }), RangeError);
   t.throws(() => new RedisStore({ url: server.url, ttlSeconds: 0 }), RangeError);
   t.throws(() => new RedisStore({ url: server.url, operationTimeoutMs: -1 }), RangeError);
+  t.throws(() => new RedisStore({ url: server.url, readConnections: 0 }), RangeError);
   const store = new RedisStore({ url: server.url });
   await store.close();
   const err = await store.get('00').catch((e: unknown) => e);

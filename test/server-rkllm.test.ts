@@ -106,9 +106,9 @@ t.test('what RKLLM cannot do is a 400, not a 500', async (t) => {
   t.equal(await status(client.chat.completions.create({ model: 'qwen-fake', messages: [user], stop: ['.'] })), '400 stop');
   t.equal(await status(client.chat.completions.create({ model: 'qwen-fake', messages: [user], tools: [{ type: 'function', function: { name: 'f' } }] })), '400 tools');
   t.equal(
-    await status(client.chat.completions.create({ model: 'qwen-fake', messages: [user, { role: 'assistant', content: 'Board 1.' }, { role: 'user', content: 'Why?' }] })),
-    '400',
-    'earlier turns: RKLLM templates one input per run',
+    await status(client.chat.completions.create({ model: 'qwen-fake', messages: [user, { role: 'assistant', content: 'Board 1.' }] })),
+    '400 messages',
+    'a conversation must end with the input',
   );
   t.equal(await status(client.chat.completions.create({ model: 'qwen-old', messages: [user], max_tokens: 3 })), '400', 'runtime 1.2.1 fixes the token limit at load');
   t.equal(await status(client.chat.completions.create({ model: 'qwen-old', messages: [user] })), 200, 'without max_tokens it answers');
@@ -227,4 +227,57 @@ t.test("/v1/cache on an RKLLM model: a named entry is the system prompt's cache 
   const bare = await startInProcess({ models: farm, cacheDir: null });
   t.teardown(() => bare.server.close());
   t.match(await raw(bare.url, 'POST', '/v1/cache/qwen-fake', JSON.stringify({ name: 'farm', system: SYSTEM })), { status: 400, json: { error: { code: 'unsupported_model' } } });
+});
+
+t.test('a multi-turn chat on an RKLLM model: each turn sent again with the history prefills only the new turn', async (t) => {
+  const dir = t.testdir();
+  const farm = path.join(dir, 'models');
+  fs.mkdirSync(farm, { recursive: true });
+  addFakeRkllmModel(farm, 'qwen-fake', '1.3.0');
+  const T = CHATML_TEMPLATE;
+  const bytes = (text: string) => Buffer.byteLength(text, 'utf8');
+  const { server, client } = await startInProcess({ models: farm, cacheDir: path.join(dir, 'cache') });
+  t.teardown(() => server.close());
+  const ask = (messages: any[]) => client.chat.completions.create({ model: 'qwen-fake', messages }) as Promise<any>;
+
+  const conversation: any[] = [
+    { role: 'system', content: SYSTEM },
+    { role: 'user', content: QUESTION },
+  ];
+  const first = await ask(conversation);
+  conversation.push({ role: 'assistant', content: first.choices[0].message.content }, { role: 'user', content: 'Why?' });
+  const second = await ask(conversation);
+  // The earlier turns are rendered by kvstash (system block, inputs between prefix and postfix,
+  // replies followed by turnEnd) and run on the system prompt's cache made by the first request.
+  const system = T.system.replace('{system}', SYSTEM);
+  const window2 = `${T.prefix}${QUESTION}${T.postfix}${first.choices[0].message.content}${T.turnEnd}${T.prefix}Why?${T.postfix}`;
+  t.equal(second.kvstash.tier, 'disk', "from the system prompt's cache");
+  t.equal(second.usage.prompt_tokens_details.cached_tokens, bytes(system));
+  t.equal(second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens, bytes(window2), 'the rest of the conversation is prefilled');
+  conversation.push({ role: 'assistant', content: second.choices[0].message.content }, { role: 'user', content: 'And board two?' });
+  const third = await ask(conversation);
+  t.equal(third.kvstash.tier, 'resident', "the runtime's history still holds the conversation");
+  t.equal(
+    third.usage.prompt_tokens - third.usage.prompt_tokens_details.cached_tokens,
+    bytes(`${T.turnEnd}${T.prefix}And board two?${T.postfix}`),
+    'only the new turn is prefilled (and the end of the previous reply)',
+  );
+
+  // Another conversation runs on the model in between: what the backend knew of the runtime's
+  // history no longer holds, and the same request is prefilled in full (from the system prompt's
+  // cache), with the reply a fresh server gives. (The held path's reply may differ from a full
+  // prefill's: the runtime's history holds the previous reply as generated, a full prefill holds it
+  // tokenized from its text; on the fake runtime, whose prompt tokens are bytes, they always differ.)
+  await ask([{ role: 'system', content: SYSTEM }, { role: 'user', content: 'Something else.' }]);
+  const again = await ask(conversation);
+  t.equal(again.kvstash.tier, 'disk', 'not resident: another conversation ran in between');
+  t.equal(again.usage.prompt_tokens_details.cached_tokens, bytes(system));
+  const fresh = await startInProcess({ models: farm, cacheDir: path.join(dir, 'cache-fresh') });
+  t.teardown(() => fresh.server.close());
+  const cold = (await fresh.client.chat.completions.create({ model: 'qwen-fake', messages: conversation })) as any;
+  t.equal(again.choices[0].message.content, cold.choices[0].message.content, 'the reply of a fresh server');
+  t.same(again.usage, cold.usage);
+  let streamed = '';
+  for await (const chunk of await fresh.client.chat.completions.create({ model: 'qwen-fake', messages: conversation, stream: true })) streamed += chunk.choices[0]?.delta.content ?? '';
+  t.equal(streamed, cold.choices[0].message.content, 'streamed: the same text');
 });

@@ -29,8 +29,8 @@
  * holds K. A lookup sends one HMGET of the prompt's own prefix digests, then one MGET of the
  * manifests of the longest keys found: two round trips whatever the number of entries.
  *
- * Nothing unverified is loaded: the parts are fetched together into one buffer of the entry's
- * size and checked against the entry's chunk digests, and the head and tail against the manifest,
+ * Nothing unverified is loaded: the parts are fetched together (over connections of their own,
+ * lib/cache/redis-bulk-reader.ts) into one buffer of the entry's size and checked against the entry's chunk digests, and the head and tail against the manifest,
  * before the buffer is returned. A missing or damaged part makes the entry absent: it is deleted
  * (only if its manifest is still the one read) and get() rejects with E_CACHE_CORRUPT, which
  * PromptCache reports as a problem before falling back. What no caller sees as a rejection (a
@@ -39,6 +39,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { KvstashError } from '../errors.js';
+import { RedisBulkReader } from './redis-bulk-reader.js';
 import { decodeEntry, readEntryEnds, CHECKSUM_CHUNK_BYTES, type EntryFile } from './entry.js';
 import type { EntryIdentity } from './identity.js';
 import type { CacheStore, StoredEntry } from './store.js';
@@ -57,6 +58,10 @@ export interface RedisStoreOptions {
   connectTimeoutMs?: number;
   /** Bound on each operation (a lookup, a fetch, a write): past it, E_STORE_UNAVAILABLE. Default 5000. Unit: ms. */
   operationTimeoutMs?: number;
+  /** Connections of the store's own that the parts of a fetch are read over together, beside the
+   * node-redis one that lookups and writes use (so a lookup never waits behind a fetch). Default 2.
+   * With `rediss://` the parts go through node-redis instead. Unit: connections. */
+  readConnections?: number;
 }
 
 /** What a store reports through its 'problem' event: what no caller sees as a rejection (a damaged
@@ -122,7 +127,10 @@ export class RedisStore extends EventEmitter implements CacheStore {
   readonly partBytes: number;
   readonly connectTimeoutMs: number;
   readonly operationTimeoutMs: number;
+  readonly readConnections: number;
   private client?: RedisClient;
+  /** Part reads (plain TCP only); undefined with TLS, where node-redis reads them. */
+  private readonly partReader: RedisBulkReader | undefined;
   private firstConnection?: Promise<unknown>;
   private connectedOnce = false;
   private down = false;
@@ -145,6 +153,9 @@ export class RedisStore extends EventEmitter implements CacheStore {
     }
     this.connectTimeoutMs = positive(options.connectTimeoutMs ?? 2000, 'connectTimeoutMs');
     this.operationTimeoutMs = positive(options.operationTimeoutMs ?? 5000, 'operationTimeoutMs');
+    this.readConnections = options.readConnections ?? 2;
+    if (!Number.isSafeInteger(this.readConnections) || this.readConnections < 1 || this.readConnections > 64) throw new RangeError('RedisStore: readConnections must be an integer from 1 to 64');
+    this.partReader = this.url.startsWith('redis://') ? new RedisBulkReader(this.url, this.readConnections, this.connectTimeoutMs) : undefined;
     // Every PromptCache using this store listens for its problems.
     this.setMaxListeners(0);
     this.binary = { typeMapping: { [loadRedis().RESP_TYPES.BLOB_STRING]: Buffer } };
@@ -309,6 +320,7 @@ export class RedisStore extends EventEmitter implements CacheStore {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.partReader?.reset(this.unavailable('fetch', 'the store is closed'));
     const client = this.client;
     if (!client) return;
     if (client.isReady) await client.close().catch(() => client.destroy());
@@ -325,21 +337,42 @@ export class RedisStore extends EventEmitter implements CacheStore {
     const bytes = Buffer.allocUnsafe(size);
     let missing = -1;
     const current = this.command(['GET', this.manifestKey(key)], 'fetch') as Promise<Buffer | null>;
-    // One GET per part, sent together (node-redis pipelines commands of one tick): each part is
-    // copied into place as it arrives instead of after the last one, as one MGET reply would be.
-    const parts = Array.from({ length: count }, (_, i) =>
-      (this.command(['GET', this.partKey(key, manifest.writeId, i)], 'fetch') as Promise<Buffer | null>).then((part) => {
-        const start = i * manifest.partBytes;
-        const expected = Math.min(manifest.partBytes, size - start);
-        if (!part || part.length !== expected) {
-          if (missing < 0 || i < missing) missing = i;
-          return;
-        }
-        part.copy(bytes, start);
-      }),
-    );
+    // One GET per part, all sent at once: each part lands in place as it arrives instead of after
+    // the last one, as one MGET reply would.
+    const parts = Array.from({ length: count }, (_, i) => {
+      const start = i * manifest.partBytes;
+      const expected = Math.min(manifest.partBytes, size - start);
+      return this.readPart(this.partKey(key, manifest.writeId, i), bytes, start, expected).then((length) => {
+        if (length !== expected && (missing < 0 || i < missing)) missing = i;
+      });
+    });
     const [now] = await Promise.all([current, ...parts]);
     return { manifest: now as Buffer | null, bytes, missing };
+  }
+
+  /** GET of one part into `target` at `offset`: the value's length (its bytes copied when it is
+   * `expected` long), null when the part is gone. */
+  private async readPart(partKey: string, target: Buffer, offset: number, expected: number): Promise<number | null> {
+    const reader = this.partReader;
+    if (!reader) {
+      const part = (await this.command(['GET', partKey], 'fetch')) as Buffer | null;
+      if (part?.length === expected) part.copy(target, offset);
+      return part ? part.length : null;
+    }
+    // Fails at once while the main connection knows Redis is away, as every other operation does.
+    await this.connected('fetch');
+    try {
+      return await withTimeout(reader.get(partKey, target, offset, expected), this.operationTimeoutMs);
+    } catch (err) {
+      if (err instanceof TimedOut) {
+        // Replies still on their way would only arrive late for nobody: the connections start over.
+        const timedOut = this.unavailable('fetch', `no answer within ${this.operationTimeoutMs} ms`);
+        reader.reset(timedOut);
+        throw timedOut;
+      }
+      if (err instanceof KvstashError) throw err;
+      throw this.unavailable('fetch', (err as Error).message ?? String(err), err);
+    }
   }
 
   private async rememberOrDrop(key: string, bytes: Buffer): Promise<Manifest> {

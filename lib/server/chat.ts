@@ -7,10 +7,12 @@
  * what a request did not evaluate; the `kvstash` object adds where it came from and the timings.
  */
 import { randomBytes } from 'node:crypto';
-import { generate, preparePrompt, type FinishReason, type GenerateOptions } from '../generate/generate.js';
+import { Generation, generate, preparePrompt, type FinishReason, type GenerateOptions } from '../generate/generate.js';
 import type { ChatMessage, Model } from '../llama/model.js';
 import type { SamplingOptions } from '../llama/sampler.js';
 import type { RkllmModel, RkllmGenerateOptions } from '../rkllm/model.js';
+import type { ConversationBackend } from '../session/backend.js';
+import { conversationBackend } from '../session/backends.js';
 import { ApiError, invalidField, rejectedArguments, type SseEvent } from './http.js';
 import type { ServedModel } from './model-pool.js';
 
@@ -101,6 +103,9 @@ function finishReason(reason: FinishReason): 'stop' | 'length' {
 function startRkllmRun(model: RkllmModel, spec: GenerationSpec, signal: AbortSignal): Run {
   if (spec.stop.length > 0) throw invalidField('stop', 'stop sequences are not supported by RKLLM models');
   if (spec.tools !== undefined) throw invalidField('tools', 'tools are not supported by RKLLM models yet');
+  // A conversation with earlier turns: the runtime templates one input per run, so it runs on the
+  // backend RKLLM sessions use, which renders the turns itself.
+  if (spec.messages !== undefined && spec.messages.length > 1) return startRkllmConversation(model, spec, signal);
   const options: RkllmGenerateOptions = { signal, system: spec.system };
   if (spec.messages) options.messages = spec.prompt === undefined ? spec.messages : [...spec.messages, { role: 'user', content: spec.prompt }];
   else options.prompt = spec.prompt;
@@ -124,6 +129,62 @@ function startRkllmRun(model: RkllmModel, spec: GenerationSpec, signal: AbortSig
       finishReason: r.finishReason === 'length' ? 'length' : 'stop',
       tier: r.systemPromptCache === 'resident' || r.systemPromptCache === 'loaded' ? r.systemPromptCache : null,
       restoreMs: 0,
+      ttftMs: r.ttftMs,
+      totalMs: r.totalMs,
+    }),
+  );
+  result.catch(() => undefined);
+  return { result, [Symbol.asyncIterator]: () => generation[Symbol.asyncIterator]() };
+}
+
+/**
+ * The conversation backends of each RKLLM model, one per system prompt (least recently used go
+ * first). Kept across requests because a backend knows what the runtime's history holds: a client
+ * that sends its conversation again with one more turn, as chat clients do, has only that turn
+ * prefilled, as long as no other conversation ran on the model in between (then the whole
+ * conversation is prefilled from the system prompt's cache).
+ */
+const rkllmConversations = new WeakMap<RkllmModel, Map<string, ConversationBackend>>();
+const RKLLM_CONVERSATIONS = 4;
+
+function rkllmConversation(model: RkllmModel, system: string | undefined): ConversationBackend {
+  let byPrompt = rkllmConversations.get(model);
+  if (!byPrompt) rkllmConversations.set(model, (byPrompt = new Map()));
+  const key = system ?? '';
+  let backend = byPrompt.get(key);
+  if (backend) byPrompt.delete(key);
+  else backend = conversationBackend({ context: model }, system !== undefined ? { system } : {});
+  byPrompt.set(key, backend);
+  if (byPrompt.size > RKLLM_CONVERSATIONS) byPrompt.delete(byPrompt.keys().next().value!);
+  return backend;
+}
+
+function startRkllmConversation(model: RkllmModel, spec: GenerationSpec, signal: AbortSignal): Run {
+  const messages = spec.prompt === undefined ? spec.messages! : [...spec.messages!, { role: 'user' as const, content: spec.prompt }];
+  const last = messages[messages.length - 1]!;
+  if (last.role !== 'user' && last.role !== 'tool') throw invalidField('messages', 'the last message must be the user (or tool) input');
+  const backend = rkllmConversation(model, spec.system);
+  const maxTokens = rejectedArguments(() => backend.replyLimit(spec.maxTokens));
+  const needed = backend.measure(messages, true) + maxTokens;
+  if (needed > backend.capacity) {
+    throw new ApiError(400, `This model's maximum context length is ${backend.capacity} tokens; the messages and the completion need up to ${needed} (bytes of the rendered text, an upper bound on its tokens).`, {
+      code: 'context_length_exceeded',
+      param: 'messages',
+      retryable: false,
+    });
+  }
+  const { temperature, topP } = spec.sampling;
+  const sampling = model.runtime.version === '1.3.0' && (temperature !== undefined || topP !== undefined) ? { temperature, topP } : undefined;
+  const generation = new Generation((emit) => backend.reply(messages, { maxTokens, ...(sampling ? { sampling } : {}), signal }, emit));
+  const result = generation.result.then(
+    (r): RunResult => ({
+      text: r.text,
+      promptTokens: r.promptTokens,
+      completionTokens: r.tokens.length,
+      cachedTokens: r.cachedTokens,
+      finishReason: finishReason(r.finishReason),
+      tier: r.tier,
+      restoreMs: r.restoreMs,
       ttftMs: r.ttftMs,
       totalMs: r.totalMs,
     }),
