@@ -1,7 +1,9 @@
 // Sessions remember (issue 17, item 3), on a real memory database file: a turn the journal holds
 // but the archive lacks is archived at resume; the clear policies (after N turns, above a share of
-// the context, compact()) keep the system prompt and leave what they cleared retrievable. The
+// the context, compact()) keep the system prompt and leave what they cleared retrievable; prune
+// removes old checkpoint records together with their files, and the newest still resumes. The
 // 150-turn conversation is test/session-memory-long.test.ts.
+import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { readEntryFile } from '../lib/cache/entry.js';
@@ -87,4 +89,40 @@ t.test('clear policies keep the system prompt: after N turns, above a share of t
     t.same(reply.retrieved[0] && { tier: reply.retrieved[0].tier, content: reply.retrieved[0].content }, { tier: 'summary', content: 'they said 6 things' }, 'the summary is retrieved first once the window lacks it');
     await compacted.close();
   });
+});
+
+t.test('prune removes old checkpoint records with their files (Session.checkpointCache); the newest stays and resumes', async (t) => {
+  const dir = t.testdir();
+  const memory = await Memory.open({ path: path.join(dir, 'memory.db') });
+  t.teardown(() => memory.close());
+  const checkpoints = Session.checkpointCache(dir);
+  const folder = (id: string): string => path.join(dir, id, 'checkpoints');
+  await withContext(model, async (context) => {
+    for (const [id, keep] of [['p', 10], ['rotated', 1]] as const) {
+      const session = await Session.open({ dir, id, context, system, memory, checkpoint: { everyTurns: 1, everySeconds: 0, keep } });
+      for (let turn = 0; turn < 3; turn++) await session.send(question(turn), send).result;
+      await session.close();
+    }
+  });
+  const records = await memory.snapshots('p');
+  t.same(records.map((r) => r.turn), [1, 2, 3]);
+  t.same(fs.readdirSync(folder('p')).sort(), records.map((r) => r.entryKey).sort(), "each record names one of the session's checkpoint files");
+
+  t.same(await memory.prune({ maxCheckpointsPerSession: 1, cache: checkpoints }), { rows: 0, checkpoints: 4, cacheEntries: 2, cacheErrors: 0 }, "p's two older files deleted; 'rotated' had already removed its own");
+  t.same(fs.readdirSync(folder('p')), [records[2]!.entryKey], 'the newest checkpoint file stays');
+  t.same((await memory.snapshots('p')).map((r) => r.turn), [3]);
+  t.same((await memory.snapshots('rotated')).map((r) => r.turn), [3]);
+  t.equal(fs.readdirSync(folder('rotated')).length, 1, "the rotated session's newest file stays too");
+
+  await withContext(model, async (context) => {
+    const session = await Session.resume({ dir, id: 'p', context, memory });
+    t.match(session.resumeReport, { path: 'checkpoint', evaluatedTokens: 0, skippedCheckpoints: [] }, 'the session resumes from the checkpoint prune kept');
+    t.equal(session.history.length, 6);
+    await session.send(question(3), send).result;
+    await session.close();
+  });
+
+  await t.rejects(checkpoints.delete('../journal.kvj', { sessionId: 'p' }), RangeError, 'only checkpoint file names are deleted');
+  t.same(await memory.forget({ sessionId: 'p', cache: checkpoints }), { rows: 8, checkpoints: 1, cacheEntries: 1, cacheErrors: 0 });
+  t.same(fs.readdirSync(folder('p')), [], 'forget took the last checkpoint file with its record');
 });

@@ -109,9 +109,13 @@ export interface CheckpointRecord {
   at: number;
 }
 
-/** Where prune/forget delete the cache entries of the checkpoints they remove (PromptCache, a CacheStore). */
+/**
+ * Where prune/forget delete the cache entries of the checkpoints they remove: a session's
+ * checkpoint files (`Session.checkpointCache(dir)`), a PromptCache or a CacheStore. `delete` gets
+ * each removed record's entry key and the record; resolving with 0 or false says nothing was there.
+ */
 export interface CheckpointCache {
-  delete(key: string): unknown;
+  delete(key: string, checkpoint: CheckpointRecord): unknown;
 }
 
 export interface MemoryPruneOptions {
@@ -141,7 +145,8 @@ export interface MemoryRemoved {
   /** Archived turns and summaries removed. */
   rows: number;
   checkpoints: number;
-  /** Cache entries deleted through `cache` (failures are counted in `cacheErrors`). */
+  /** Cache entries deleted through `cache` (failures are counted in `cacheErrors`; entries the
+   * cache reported absent, by resolving with 0 or false, in neither). */
   cacheEntries: number;
   cacheErrors: number;
 }
@@ -616,10 +621,13 @@ export class Memory {
     if (cache) {
       // The records are gone first: an entry whose deletion fails is an orphan the cache's own
       // bound evicts, never a record pointing at nothing.
-      for (const key of new Set(checkpoints.map((c) => c.entryKey))) {
+      // One call per session and key: two sessions that held the same window can have checkpoint
+      // entries of the same key, each in its own session's directory.
+      const unique = new Map(checkpoints.map((c) => [`${c.sessionId}\0${c.entryKey}`, c]));
+      for (const checkpoint of unique.values()) {
         try {
-          await cache.delete(key);
-          cacheEntries++;
+          const deleted = await cache.delete(checkpoint.entryKey, checkpoint);
+          if (deleted !== 0 && deleted !== false) cacheEntries++;
         } catch {
           cacheErrors++;
         }

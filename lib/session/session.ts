@@ -9,6 +9,7 @@
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { ENTRY_EXTENSION } from '../cache/entry.js';
 import type { PromptCache } from '../cache/prompt-cache.js';
 import { KvstashError, type KvstashErrorCode } from '../errors.js';
 import { Generation, type GenerationResult } from '../generate/generate.js';
@@ -25,7 +26,7 @@ import { ioError, ownFileExists, requireOwnDirectory } from './files.js';
 import { acquireLock, type Lock } from './lock.js';
 import { onProcessExit } from './exit-hooks.js';
 import { SessionMemory, type RetrievedMemory, type SessionMemoryOptions } from './memory-hook.js';
-import type { Memory } from '../memory/memory.js';
+import type { CheckpointCache, CheckpointRecord, Memory } from '../memory/memory.js';
 
 export type { OverflowPolicy } from './backend.js';
 export interface CheckpointOptions {
@@ -289,6 +290,36 @@ export class Session {
       await lock.release();
       throw err;
     }
+  }
+
+  /**
+   * The checkpoint files of the sessions in `dir`, as the cache Memory.prune and Memory.forget
+   * delete the entries of removed checkpoint records through: `memory.prune({maxCheckpointsPerSession:
+   * 2, cache: Session.checkpointCache(dir)})`. A session's checkpoints are entries of its own
+   * `<dir>/<id>/checkpoints/`, not of the PromptCache it shares its system prefix through, so that
+   * cache cannot find them. delete() resolves with 1 when it removed the record's file, 0 when the
+   * file was already gone (the session's rotation keeps `checkpoint.keep` files); it never follows
+   * a symlink, and rejects with E_SESSION_CORRUPT when the file or the folder is not one the session
+   * wrote.
+   */
+  static checkpointCache(dir: string): CheckpointCache & { delete(entryKey: string, checkpoint: Pick<CheckpointRecord, 'sessionId'>): Promise<number> } {
+    requireString(dir, 'dir');
+    return {
+      async delete(entryKey, checkpoint) {
+        requireString(entryKey, 'entryKey');
+        if (entryKey !== path.basename(entryKey) || entryKey.startsWith('.') || !entryKey.endsWith(ENTRY_EXTENSION)) {
+          throw new RangeError(`entryKey ${JSON.stringify(entryKey)} is not the name of a checkpoint file (a session records <name>${ENTRY_EXTENSION})`);
+        }
+        const checkpointDir = path.join(sessionDir({ dir, id: checkpoint?.sessionId }), 'checkpoints');
+        await requireOwnDirectory(checkpointDir, 'checkpoints directory');
+        const file = path.join(checkpointDir, entryKey);
+        if (!(await ownFileExists(file, 'checkpoint'))) return 0;
+        await fsp.rm(file, { force: true }).catch((err: unknown) => {
+          throw ioError(err, `remove the checkpoint ${file}`);
+        });
+        return 1;
+      },
+    };
   }
 
   /** The messages the model currently sees after the system prompt (older ones may have been
