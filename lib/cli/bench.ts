@@ -5,9 +5,10 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { BENCH_TYPES, FULL_CONFIG, QUICK_CONFIG, ROWS, runBench, type BenchReport, type BenchType } from '../bench/bench.js';
-import { formatMemoryReport, MEMORY_FULL_CONFIG, MEMORY_QUICK_CONFIG, runMemoryBench } from '../bench/memory.js';
+import { formatMemoryReport, MEMORY_FULL_CONFIG, MEMORY_QUICK_CONFIG, MEMORY_TTFT_CONFIG, runMemoryBench } from '../bench/memory.js';
 import { runRedisBenchCommand } from './bench-redis.js';
 import { runServerBench, SERVER_FULL_CONFIG, SERVER_QUICK_CONFIG, type ServerBenchReport, type ServerName } from '../bench/server.js';
+import { syntheticModelPath } from '../tools/synthetic-model.js';
 import { userCacheDir } from '../util/paths.js';
 import { UsageError } from './errors.js';
 import { fmt, ms, table, tildify } from './format.js';
@@ -35,7 +36,7 @@ const BENCH_FLAGS = {
   'redis-url': { type: 'string', value: 'url', help: 'With --redis: measure this Redis instead of starting one' },
   memory: {
     type: 'boolean',
-    help: 'Instead: long-term memory (Memory on SQLite): search p50/p95 at 1k/10k/100k archived turns (keyword, vector, brute force, hybrid) and the archive rate; --quick stops at 10k',
+    help: "Instead: long-term memory (Memory on SQLite): search p50/p95 at 1k/10k/100k archived turns (keyword, vector, brute force, hybrid), the archive rate, and a turn's TTFT with memory vs without (retrieval timed apart from the injected text's prefill); --quick stops at 10k and uses the tiny model",
   },
 } as const satisfies FlagSpecs;
 
@@ -50,7 +51,11 @@ async function runBenchCommand(flags: Flags<typeof BENCH_FLAGS>, { signal }: { s
   if (flags.server === true) return runServerBenchCommand(flags, signal);
   if (flags.memory === true) {
     const config = flags.quick === true ? MEMORY_QUICK_CONFIG : MEMORY_FULL_CONFIG;
-    return writeBenchReport(flags, 'memory-', await runMemoryBench(config, { signal, log: (line) => process.stderr.write(`${line}\n`) }), formatMemoryReport);
+    // The TTFT row runs a conversation on the benchmark's model (the tiny one with --quick).
+    const modelRoot = flags['cache-dir'] === undefined ? userCacheDir() : path.resolve(flags['cache-dir']);
+    const modelPath = await syntheticModelPath(modelRoot, signal, cliUi, { shape: quick ? 'tiny' : FULL_CONFIG.shape, type: 'q8_0', seed: FULL_CONFIG.seed });
+    const ttft = { modelPath, config: { ...MEMORY_TTFT_CONFIG, threads: flags.threads ?? MEMORY_TTFT_CONFIG.threads } };
+    return writeBenchReport(flags, 'memory-', await runMemoryBench(config, { signal, ttft, log: (line) => process.stderr.write(`${line}\n`) }), formatMemoryReport);
   }
   const types = parseTypes(flags.types);
   if (flags.redis === true) return runRedisBenchCommand(flags, signal, types[0]!);
