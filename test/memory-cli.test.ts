@@ -1,5 +1,6 @@
 // `kvstash memory search|stats|prune --db <path>` on a database Memory wrote: the compiled CLI in a
-// child process, as a user runs it.
+// child process, as a user runs it; prune --sessions deletes the pruned checkpoints' files.
+import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { Memory } from '../lib/index.js';
@@ -51,4 +52,26 @@ t.test('search, stats and prune from the command line', async (t) => {
     t.equal(run.code, code, args.join(' '));
     t.match(run.stderr, message);
   }
+});
+
+t.test("prune --sessions deletes the removed checkpoint records' files", async (t) => {
+  const dir = t.testdir();
+  const db = path.join(dir, 'm.db');
+  const sessions = path.join(dir, 'sessions');
+  const folder = path.join(sessions, 'alice', 'checkpoints');
+  fs.mkdirSync(folder, { recursive: true });
+  const memory = await Memory.open({ path: db });
+  const names = [1, 2, 3].map((turn) => `0000000${turn}-1700000000000-abcdef0${turn}.kvstash`);
+  for (const [i, name] of names.entries()) {
+    fs.writeFileSync(path.join(folder, name), `checkpoint ${i + 1}`);
+    await memory.recordCheckpoint({ sessionId: 'alice', turn: i + 1, entryKey: name, bytes: 12 });
+  }
+  await memory.close();
+  const prune = await runCli(['memory', 'prune', '--db', db, '--max-checkpoints', '1', '--sessions', sessions]);
+  t.equal(prune.code, 0, prune.stderr);
+  t.equal(prune.stdout, 'Removed 0 turns and 2 checkpoint records (2 checkpoint files deleted)\n');
+  t.same(fs.readdirSync(folder), [names[2]], 'the newest checkpoint file stays');
+  const again = await runCli(['memory', 'prune', '--db', db, '--max-checkpoints', '0', '--sessions', sessions, '--json']);
+  t.same(JSON.parse(again.stdout), { rows: 0, checkpoints: 1, cacheEntries: 1, cacheErrors: 0 });
+  t.same(fs.readdirSync(folder), []);
 });

@@ -4,7 +4,9 @@
  * keyword ranking); results print one per line, or as JSON with --json.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { Memory, type MemoryRemoved, type MemorySearchMode } from '../memory/memory.js';
+import { Session } from '../session/session.js';
 import { CommandFailure, UsageError } from './errors.js';
 import { escaped, fields, fmt, localTime, size, table, tildify } from './format.js';
 import type { Command, FlagSpecs } from './main.js';
@@ -18,7 +20,12 @@ const MEMORY_FLAGS = {
   'max-rows': { type: 'integer', help: 'prune: keep at most this many archived turns (oldest go first)' },
   'max-age-days': { type: 'integer', help: 'prune: remove turns and checkpoints older than this many days' },
   'max-bytes': { type: 'integer', help: "prune: keep the archived turns' bytes at or under this" },
-  'max-checkpoints': { type: 'integer', help: 'prune: keep at most this many checkpoint records per session (their cache entries are not touched here)' },
+  'max-checkpoints': { type: 'integer', help: 'prune: keep at most this many checkpoint records per session (the newest)' },
+  sessions: {
+    type: 'string',
+    value: 'dir',
+    help: "prune: the sessions' directory (Session.open's dir): the files of the removed checkpoint records, in <dir>/<id>/checkpoints/, are deleted too",
+  },
   json: { type: 'boolean', help: 'Print JSON' },
 } as const satisfies FlagSpecs;
 
@@ -78,9 +85,13 @@ export const memoryCommand: Command<typeof MEMORY_FLAGS> = {
           ...(flags['max-age-days'] !== undefined ? { maxAgeDays: flags['max-age-days'] } : {}),
           ...(flags['max-bytes'] !== undefined ? { maxBytes: flags['max-bytes'] } : {}),
           ...(flags['max-checkpoints'] !== undefined ? { maxCheckpointsPerSession: flags['max-checkpoints'] } : {}),
+          ...(flags.sessions !== undefined ? { cache: Session.checkpointCache(path.resolve(flags.sessions)) } : {}),
         });
         if (flags.json === true) process.stdout.write(`${JSON.stringify(removed)}\n`);
-        else process.stdout.write(`Removed ${fmt(removed.rows)} turns and ${fmt(removed.checkpoints)} checkpoint records\n`);
+        else {
+          const files = flags.sessions === undefined ? '' : ` (${fmt(removed.cacheEntries)} checkpoint files deleted${removed.cacheErrors > 0 ? `, ${fmt(removed.cacheErrors)} could not be` : ''})`;
+          process.stdout.write(`Removed ${fmt(removed.rows)} turns and ${fmt(removed.checkpoints)} checkpoint records${files}\n`);
+        }
       }
     } finally {
       await memory.close();
