@@ -42,6 +42,8 @@ async function scriptedServer(reply: (args: string[]) => Buffer | 'hang' | 'clos
     commands,
     connections: () => connections,
     dropAll: () => sockets.forEach((s) => s.destroy()),
+    /** Writes `bytes` to every open connection (tests that answer by hand use one). */
+    answer: (bytes: Buffer) => sockets.forEach((s) => s.write(bytes)),
     close: () => new Promise((resolve) => (sockets.forEach((s) => s.destroy()), server.close(resolve))),
   };
 }
@@ -165,4 +167,27 @@ t.test('reset() rejects reads still waiting with the given error', async (t) => 
   const reason = new Error('timed out');
   reader.reset(reason);
   await t.rejects(waiting, reason);
+});
+
+t.test('two GETs in flight per connection: the rest are sent as replies come back, in order', async (t) => {
+  const server = await scriptedServer(() => 'hang');
+  t.teardown(server.close);
+  const reader = new RedisBulkReader(`redis://127.0.0.1:${server.port}`, 1, 2000);
+  t.teardown(() => reader.reset(new Error('done')));
+  const target = Buffer.alloc(5 * 300);
+  const reads = ['a', 'bb', 'ccc', 'dddd', 'eeeee'].map((key, i) => reader.get(key, target, i * 300, 300));
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  t.same(
+    server.commands.map((c) => c[1]),
+    ['a', 'bb'],
+    'only two sent before any reply',
+  );
+  // Answer what was asked, one reply at a time, from the server's side of the one connection.
+  for (let answered = 0; answered < 5; answered++) {
+    server.answer(bulk(valueOf(server.commands[answered]![1]!)));
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    t.ok(server.commands.length <= answered + 3, `after ${answered + 1} replies, ${server.commands.length} sent`);
+  }
+  t.same(await Promise.all(reads), [300, 300, 300, 300, 300]);
+  ['a', 'bb', 'ccc', 'dddd', 'eeeee'].forEach((key, i) => t.same(target.subarray(i * 300, (i + 1) * 300), valueOf(key), `${key} in place`));
 });
