@@ -3,7 +3,7 @@
 // corrupt checkpoint, and continues exactly as an uninterrupted run.
 import path from 'node:path';
 import t from 'tap';
-import { loadModel, PromptCache, Session } from '../lib/index.js';
+import { loadModel, PromptCache, Session, type Model } from '../lib/index.js';
 import { bitIdentical, maxAbsDiff, tinyModel } from './helpers/fixtures.js';
 import { probeLogits } from './helpers/probe.js';
 import { CONTEXT, SEND, readProbe, readScript, runChild, writeScript } from './helpers/session-script.js';
@@ -11,6 +11,35 @@ import { CONTEXT, SEND, readProbe, readScript, runChild, writeScript } from './h
 const TURNS = 6;
 // Under emulation 5 trials: the journal's crash safety is JS, proven by the 30 on a native run.
 const TRIALS = Number(process.env.KVSTASH_CRASH_TRIALS ?? (process.env.KVSTASH_EMULATED === '1' ? 5 : 30));
+// Where the build's logits depend on how tokens were batched (see batchingDifference), a turn the
+// resume caught up on is compared within this. The shifted catch-up of a broken build moved these
+// logits by 0.011 to 0.042 (issue 19); arm64's batching differences were 3e-4 to 6e-4.
+const CATCH_UP_TOLERANCE = 2e-3;
+
+/**
+ * How far the logits after a piece decoded in one batch are from those after the same piece
+ * decoded token by token (0 when bit-identical). x64's ggml kernels give 0; arm64's give 3e-4 to
+ * 6e-4 for a 31-token piece of this model (measured under qemu on the armv8.2-a+dotprod+fp16 and the
+ * armv8-a build). A resume decodes the turns it catches up on in one batch, while the killed child
+ * decoded them as prompt then token by token, so only on a batch-invariant build can those cells be
+ * the child's bit for bit.
+ */
+async function batchingDifference(model: Model): Promise<number> {
+  const prefix = model.tokenize('Hello there, this is the start of it all.', { addSpecial: false });
+  const piece = model.tokenize(' The quick brown fox jumps over the lazy dog.'.repeat(3), { addSpecial: false });
+  const probe = model.tokenize(' cache', { addSpecial: false });
+  const logitsAfter = async (oneByOne: boolean) => {
+    const context = await model.createContext(CONTEXT);
+    await context.decode(prefix, { start: 0, logits: 'none' });
+    if (oneByOne) for (let i = 0; i < piece.length; i++) await context.decode([piece[i]!], { start: prefix.length + i, logits: 'none' });
+    else await context.decode(piece, { start: prefix.length, logits: 'none' });
+    await context.decode(probe, { start: prefix.length + piece.length });
+    const logits = context.logits();
+    await context.dispose();
+    return logits;
+  };
+  return maxAbsDiff(await logitsAfter(false), await logitsAfter(true));
+}
 
 t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
   const modelPath = await tinyModel();
@@ -23,6 +52,11 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
   const { conversationMs: referenceMs } = await runChild(referenceScript);
   const conversationMs = (referenceMs * TURNS) / (TURNS + 1);
   const model = await loadModel(modelPath);
+  const batching = await batchingDifference(model);
+  t.comment(`batched vs token-by-token decode: max logit difference ${batching} (${process.arch})`);
+  // x64 keeps the strict comparison for every trial: a build that lost it must be looked at, not
+  // silently compared within a tolerance.
+  if (process.arch === 'x64') t.equal(batching, 0, 'x64: logits do not depend on how the tokens were batched');
   const referenceContext = await model.createContext(CONTEXT);
   const reference = await Session.resume({ dir: path.join(root, 'reference'), id: 'chat', context: referenceContext });
   const expected = reference.history.map((m) => m.content);
@@ -57,13 +91,17 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
       t.equal(reply.text, expected[turns * 2 + 1], `trial ${trial}: the next reply equals the uninterrupted run's`);
       // The tiny model's greedy replies are newlines whatever it was told (see probeLogits): the
       // cells after the resumed turn must be the uninterrupted run's, bit for bit. A checkpoint
-      // restores the child's cells exactly and the rest is decoded in the same pieces as the
-      // child decoded them; a tolerance would hide a lost cell (one missing end-of-turn cell of
-      // ~300 moves these logits by only ~2e-4).
+      // restores the child's cells exactly; a tolerance would hide a lost cell (one missing
+      // end-of-turn cell of ~300 moves these logits by only ~2e-4). Only a turn caught up on a
+      // build whose logits depend on batching (arm64) is compared within CATCH_UP_TOLERANCE.
       const probe = await probeLogits(model, context);
       const reference = readProbe(path.join(root, 'reference'), turns + 1);
       probeDiffs.push(maxAbsDiff(probe, reference));
-      t.ok(bitIdentical(probe, reference), `trial ${trial}: after the resumed turn the sequence holds the uninterrupted run's, bit for bit (max logit difference ${probeDiffs.at(-1)})`);
+      if (report.evaluatedTokens > 0 && batching > 0) {
+        t.ok(probeDiffs.at(-1)! <= CATCH_UP_TOLERANCE, `trial ${trial}: after the resumed turn (${report.evaluatedTokens} tokens caught up in one batch) the sequence holds the uninterrupted run's within ${CATCH_UP_TOLERANCE} (max logit difference ${probeDiffs.at(-1)})`);
+      } else {
+        t.ok(bitIdentical(probe, reference), `trial ${trial}: after the resumed turn the sequence holds the uninterrupted run's, bit for bit (max logit difference ${probeDiffs.at(-1)})`);
+      }
     }
     await session.close();
     await context.dispose();
