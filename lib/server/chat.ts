@@ -78,7 +78,11 @@ export function startRun(served: ServedModel, sequence: number, spec: Generation
     );
   }
   options.maxTokens = spec.maxTokens ?? limit - promptTokens;
-  const generation = generate(context, options);
+  return runOf(generate(context, options));
+}
+
+/** A generation of the llama.cpp or conversation-backend path as a Run. */
+function runOf(generation: Generation): Run {
   const result = generation.result.then(
     (r): RunResult => ({
       text: r.text,
@@ -164,33 +168,36 @@ function startRkllmConversation(model: RkllmModel, spec: GenerationSpec, signal:
   const last = messages[messages.length - 1]!;
   if (last.role !== 'user' && last.role !== 'tool') throw invalidField('messages', 'the last message must be the user (or tool) input');
   const backend = rkllmConversation(model, spec.system);
-  const maxTokens = rejectedArguments(() => backend.replyLimit(spec.maxTokens));
-  const needed = backend.measure(messages, true) + maxTokens;
+  const reply = rkllmReplyOptions(model, backend, messages, spec.maxTokens, spec.sampling, 'messages');
+  return runOf(new Generation((emit) => backend.reply(messages, { ...reply, signal }, emit)));
+}
+
+/**
+ * What a reply of the RKLLM conversation backend to `messages` may do, checked before it queues:
+ * the token limit (the runtime's own when not given; a RangeError of the backend becomes a 400),
+ * room for it in the context (400 context_length_exceeded, on `param`), and per-request sampling,
+ * which only runtime 1.3.0 takes (older ones keep the model's).
+ */
+export function rkllmReplyOptions(
+  model: RkllmModel,
+  backend: ConversationBackend,
+  messages: readonly ChatMessage[],
+  maxTokens: number | undefined,
+  sampling: Pick<SamplingOptions, 'temperature' | 'topP'>,
+  param: string,
+): { maxTokens: number; sampling?: Pick<SamplingOptions, 'temperature' | 'topP'> } {
+  const limit = rejectedArguments(() => backend.replyLimit(maxTokens));
+  const needed = backend.measure(messages, true) + limit;
   if (needed > backend.capacity) {
-    throw new ApiError(400, `This model's maximum context length is ${backend.capacity} tokens; the messages and the completion need up to ${needed} (bytes of the rendered text, an upper bound on its tokens).`, {
+    throw new ApiError(400, `This model's maximum context length is ${backend.capacity} tokens; the messages and the reply need up to ${needed} (bytes of the rendered text, an upper bound on its tokens).`, {
       code: 'context_length_exceeded',
-      param: 'messages',
+      param,
       retryable: false,
     });
   }
-  const { temperature, topP } = spec.sampling;
-  const sampling = model.runtime.version === '1.3.0' && (temperature !== undefined || topP !== undefined) ? { temperature, topP } : undefined;
-  const generation = new Generation((emit) => backend.reply(messages, { maxTokens, ...(sampling ? { sampling } : {}), signal }, emit));
-  const result = generation.result.then(
-    (r): RunResult => ({
-      text: r.text,
-      promptTokens: r.promptTokens,
-      completionTokens: r.tokens.length,
-      cachedTokens: r.cachedTokens,
-      finishReason: finishReason(r.finishReason),
-      tier: r.tier,
-      restoreMs: r.restoreMs,
-      ttftMs: r.ttftMs,
-      totalMs: r.totalMs,
-    }),
-  );
-  result.catch(() => undefined);
-  return { result, [Symbol.asyncIterator]: () => generation[Symbol.asyncIterator]() };
+  const { temperature, topP } = sampling;
+  const given = model.runtime.version === '1.3.0' && (temperature !== undefined || topP !== undefined);
+  return { maxTokens: limit, ...(given ? { sampling: { temperature, topP } } : {}) };
 }
 
 // ---------------------------------------------------------------------------------------------

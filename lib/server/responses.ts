@@ -36,6 +36,7 @@ import type { RkllmModel } from '../rkllm/model.js';
 import type { ConversationBackend } from '../session/backend.js';
 import { conversationBackend } from '../session/backends.js';
 import { writeFileAtomic, writeFully } from '../util/atomic-file.js';
+import { rkllmReplyOptions } from './chat.js';
 import { conversationTokens } from './conversation.js';
 import { ApiError, invalidField, rejectedArguments, type SseEvent } from './http.js';
 import type { ServedModel } from './model-pool.js';
@@ -252,20 +253,14 @@ export class ResponsesService {
   private rkllmTurn(served: ServedModel, request: ParsedRequest, system: string | undefined, history: ChatMessage[], parent: ResponseRecord | undefined): ChainTurn {
     const model = served.model as RkllmModel;
     const backend = rejectedArguments(() => conversationBackend({ context: model }, system !== undefined ? { system } : {}));
-    const maxTokens = rejectedArguments(() => backend.replyLimit(request.maxOutputTokens ?? undefined));
-    const needed = backend.measure(history, true) + maxTokens;
-    if (needed > backend.capacity) {
-      throw new ApiError(400, `This model's maximum context length is ${backend.capacity} tokens; the conversation and its reply need up to ${needed} (bytes of the rendered text, an upper bound on its tokens).`, {
-        code: 'context_length_exceeded',
-        param: 'input',
-        retryable: false,
-      });
-    }
-    // As chat completions: per-request sampling on runtime 1.3.0, the model's own otherwise.
-    const sampling =
-      model.runtime.version === '1.3.0' && (request.temperature !== null || request.topP !== null)
-        ? { ...(request.temperature !== null ? { temperature: request.temperature } : {}), ...(request.topP !== null ? { topP: request.topP } : {}) }
-        : undefined;
+    const reply = rkllmReplyOptions(
+      model,
+      backend,
+      history,
+      request.maxOutputTokens ?? undefined,
+      { temperature: request.temperature ?? undefined, topP: request.topP ?? undefined },
+      'input',
+    );
     const dir = this.kvDir(served.id);
     return {
       claim: () => undefined,
@@ -274,7 +269,7 @@ export class ResponsesService {
           const started = performance.now();
           const restored = await this.restoreAncestor(backend, dir, parent, history);
           const restoreMs = restored ? performance.now() - started : 0;
-          const result = await backend.reply(history, { maxTokens, ...(sampling ? { sampling } : {}), signal }, emit);
+          const result = await backend.reply(history, { ...reply, signal }, emit);
           return { ...result, restoreMs };
         }),
       save: async (_sequence, _result, messages, id) => {
