@@ -110,6 +110,13 @@ t.test('what RKLLM cannot do is a 400, not a 500', async (t) => {
     '400 messages',
     'a conversation must end with the input',
   );
+  const huge = 'board '.repeat(20_000);
+  t.equal(
+    await status(client.chat.completions.create({ model: 'qwen-fake', messages: [user, { role: 'assistant', content: 'Board 1.' }, { role: 'user', content: huge }] })),
+    '400 messages',
+    'a conversation that cannot fit the context',
+  );
+  t.equal(await status(client.responses.create({ model: 'qwen-fake', input: huge })), '400 input', 'a Responses input that cannot fit the context');
   t.equal(await status(client.chat.completions.create({ model: 'qwen-old', messages: [user], max_tokens: 3 })), '400', 'runtime 1.2.1 fixes the token limit at load');
   t.equal(await status(client.chat.completions.create({ model: 'qwen-old', messages: [user] })), 200, 'without max_tokens it answers');
 });
