@@ -15,7 +15,7 @@
 
 const { execFileSync } = require('node:child_process');
 const path = require('node:path');
-const { hasCommand } = require('./build-native.js');
+const { hasCommand, nativeCcacheNamespace, noAmxCmakeFlags } = require('./build-native.js');
 const { fetchLlama } = require('./fetch-llama.js');
 
 const root = path.resolve(__dirname, '..');
@@ -24,11 +24,13 @@ const buildDir = path.join(root, 'build-llama-tools');
 function buildBatchedBench() {
   const source = fetchLlama();
   const launcher = hasCommand('ccache') ? ['-DCMAKE_C_COMPILER_LAUNCHER=ccache', '-DCMAKE_CXX_COMPILER_LAUNCHER=ccache'] : [];
+  // Built for this CPU: its own ccache namespace (build-native.js says why).
+  const env = { ...process.env, CCACHE_NAMESPACE: nativeCcacheNamespace() };
   // The same switches as kvstash's own build (CMakeLists.txt), plus llama.cpp's tools.
   execFileSync('cmake', ['-S', source, '-B', buildDir, ...(hasCommand('ninja') ? ['-G', 'Ninja'] : []), '-DCMAKE_BUILD_TYPE=Release',
     '-DLLAMA_BUILD_TOOLS=ON', '-DLLAMA_BUILD_EXAMPLES=OFF', '-DLLAMA_BUILD_TESTS=OFF', '-DLLAMA_BUILD_SERVER=OFF',
-    '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DGGML_OPENMP=OFF', '-DGGML_NATIVE=ON', ...launcher], { stdio: 'inherit' });
-  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-batched-bench'], { stdio: 'inherit' });
+    '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DGGML_OPENMP=OFF', '-DGGML_NATIVE=ON', ...noAmxCmakeFlags(), ...launcher], { env, stdio: 'inherit' });
+  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-batched-bench'], { env, stdio: 'inherit' });
   return path.join(buildDir, 'bin', 'llama-batched-bench');
 }
 

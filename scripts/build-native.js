@@ -23,6 +23,43 @@ function hasCommand(cmd) {
   }
 }
 
+/**
+ * The ccache namespace of a build for this CPU (GGML_NATIVE on). ccache hashes `-march=native` as
+ * written, not the instruction sets it stands for (ccache issue 824), so a cache carried to another
+ * machine would hand it objects with instructions that CPU lacks: SIGILL. What the compiler expands
+ * `-march=native` to here names the CPU instead.
+ */
+function nativeCcacheNamespace() {
+  let expansion;
+  try {
+    // -### prints the compiler's internal command lines, with -march=native spelt out, to stderr.
+    const probe = spawnSync('c++', ['-march=native', '-###', '-E', '-x', 'c++', '-'], { input: '', encoding: 'utf8' });
+    expansion = probe.status === 0 ? probe.stderr : undefined;
+  } catch {
+    expansion = undefined;
+  }
+  if (!expansion) {
+    try {
+      expansion = require('node:fs').readFileSync('/proc/cpuinfo', 'utf8').match(/^(flags|Features)\s*:.*$/m)?.[0];
+    } catch {
+      expansion = undefined;
+    }
+  }
+  // Without either, a namespace of its own per build still keeps foreign objects out.
+  expansion ??= `${os.hostname()} ${Date.now()}`;
+  return `native-${require('node:crypto').createHash('sha256').update(expansion).digest('hex').slice(0, 16)}`;
+}
+
+/**
+ * CMake arguments that keep llama.cpp's AMX kernels out of a native x64 build of llama.cpp's own
+ * tools, as CMakeLists.txt keeps them out of the addon (it says why: they crash this pinned tree).
+ */
+function noAmxCmakeFlags() {
+  if (process.arch !== 'x64') return [];
+  const flags = '-mno-amx-tile -mno-amx-int8 -mno-amx-bf16';
+  return [`-DCMAKE_C_FLAGS=${flags}`, `-DCMAKE_CXX_FLAGS=${flags}`];
+}
+
 /** The tools a source build needs that are not on PATH, as apt package names. */
 function missingTools(argv) {
   const missing = [];
@@ -56,6 +93,7 @@ function buildNative(argv = []) {
     env.CCACHE_BASEDIR = root;
     env.CCACHE_NOHASHDIR = '1';
     env.CCACHE_SLOPPINESS = 'time_macros,include_file_mtime,include_file_ctime';
+    if (!argv.includes('--portable')) env.CCACHE_NAMESPACE = nativeCcacheNamespace();
   }
   args.push(...passThrough);
   const started = Date.now();
@@ -66,7 +104,7 @@ function buildNative(argv = []) {
   process.stderr.write(`[kvstash] native build finished in ${((Date.now() - started) / 1000).toFixed(0)} s\n`);
 }
 
-module.exports = { buildNative, hasCommand };
+module.exports = { buildNative, hasCommand, nativeCcacheNamespace, noAmxCmakeFlags };
 
 if (require.main === module) {
   try {

@@ -20,7 +20,7 @@ const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
-const { hasCommand } = require('./build-native.js');
+const { hasCommand, nativeCcacheNamespace, noAmxCmakeFlags } = require('./build-native.js');
 const { fetchLlama, PIN, EDITS } = require('./fetch-llama.js');
 
 function cacheRoot() {
@@ -58,12 +58,14 @@ function buildLlamaServer() {
   const tree = pristineTree(root);
   const buildDir = path.join(root, 'build');
   const launcher = hasCommand('ccache') ? ['-DCMAKE_C_COMPILER_LAUNCHER=ccache', '-DCMAKE_CXX_COMPILER_LAUNCHER=ccache'] : [];
+  // Built for this CPU: its own ccache namespace (build-native.js says why).
+  const env = { ...process.env, CCACHE_NAMESPACE: nativeCcacheNamespace() };
   // The same switches as kvstash's own build (CMakeLists.txt) and scripts/batched-ceiling.js, with
   // the server on.
   execFileSync('cmake', ['-S', tree, '-B', buildDir, ...(hasCommand('ninja') ? ['-G', 'Ninja'] : []), '-DCMAKE_BUILD_TYPE=Release',
     '-DLLAMA_BUILD_TOOLS=ON', '-DLLAMA_BUILD_EXAMPLES=OFF', '-DLLAMA_BUILD_TESTS=OFF', '-DLLAMA_BUILD_SERVER=ON',
-    '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DGGML_OPENMP=OFF', '-DGGML_NATIVE=ON', ...launcher], { stdio: ['ignore', 'ignore', 'inherit'] });
-  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-server', 'llama-batched-bench'], { stdio: ['ignore', process.stderr, 'inherit'] });
+    '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DGGML_OPENMP=OFF', '-DGGML_NATIVE=ON', ...noAmxCmakeFlags(), ...launcher], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-server', 'llama-batched-bench'], { env, stdio: ['ignore', process.stderr, 'inherit'] });
   const built = { server: path.join(bin, 'llama-server'), batchedBench: path.join(bin, 'llama-batched-bench') };
   for (const binary of Object.values(built)) if (!fs.existsSync(binary)) throw new Error(`the build finished without ${binary}`);
   return built;
