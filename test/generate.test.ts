@@ -1,6 +1,6 @@
 // generate(): streaming, stops, template prefix caching, continuous batching, abort.
 import t from 'tap';
-import { templatePrefix } from '../lib/generate/generate.js';
+import { rememberPrefixTokens, templatePrefix, TEMPLATE_LABEL_PREFIX } from '../lib/generate/generate.js';
 import { generate, loadModel, PromptCache, type Context, type Model } from '../lib/index.js';
 import { prose, tinyModel } from './helpers/fixtures.js';
 
@@ -83,6 +83,16 @@ t.test('a system prompt is cached once and restored by later calls, in this proc
   // "The next process": another cache object on the same directory and a fresh context.
   const nextCache = new PromptCache({ dir });
   const nextContext = await model.createContext({ contextSize: 4096 });
+  // What a restarted server restores at load: the newest template prefix, with its tokens.
+  const recent = await nextCache.recent(nextContext, { labelPrefix: TEMPLATE_LABEL_PREFIX });
+  t.equal(recent.length, 1);
+  t.same(Array.from(recent[0]!.tokens), Array.from(model.tokenize(rendered, { special: true })));
+  t.same(await nextCache.recent(nextContext, { labelPrefix: 'named:' }), [], 'other labels are left out');
+  t.ok(rememberPrefixTokens(model, recent[0]!.tokens), 'the rendered prefix reads back as the same tokens');
+  // Tokens that read back as text tokenizing otherwise are not remembered under that text.
+  const split = Int32Array.from([...model.tokenize('sys', { addSpecial: false }), ...model.tokenize('tem', { addSpecial: false })]);
+  t.not(model.tokenize('system', { addSpecial: false }).length, split.length, 'the word is one token, not the two pieces');
+  t.notOk(rememberPrefixTokens(model, split));
   const third = await ask(nextCache, 'What is cached?', 0, nextContext);
   t.match(third, { tier: 'disk', cachedTokens: prefixLength });
   t.same(Array.from(third.tokens), Array.from(first.tokens), 'the same answer as the cold call');

@@ -152,14 +152,44 @@ t.test('automatic prompt cache: a repeated system prompt is restored, in the pro
   t.equal(metric(metrics, 'kvstash_prefill_tokens_saved_total{model="tiny"}'), shared);
   await running.server.close();
 
-  // A new server on the same cache folder: the system prefix comes from disk, exactly its length.
+  // A new server on the same cache folder: loading the model restored the system prefix (the one
+  // the last run used) from disk into a sequence, so the first request copies it from there.
   running = await startInProcess({ models, cacheDir });
   t.teardown(() => running.server.close());
   const c = await running.client.chat.completions.create({ model: 'tiny', messages: ask('Who restarts the boards?'), max_tokens: 4, temperature: 0 });
   t.equal(c.usage!.prompt_tokens_details!.cached_tokens, prefix.length, 'cached_tokens = the system prefix');
-  t.equal((c as any).kvstash.tier, 'disk');
+  t.equal((c as any).kvstash.tier, 'resident');
+  t.match(running.lines.join('\n'), new RegExp(`tiny: restored the system prompt used last \\(${prefix.length} tokens, disk, \\d+ ms\\) into sequence 3`), 'read from disk once, when the model loaded');
   const again = await running.client.chat.completions.create({ model: 'tiny', messages: first, max_tokens: 4, temperature: 0 });
   t.equal(again.choices[0]!.message.content, a.choices[0]!.message.content, 'restored prefix, same answer as evaluated');
+});
+
+t.test('after a restart, the system prompt used last is restored when the model loads, into the sequence handed out last', async (t) => {
+  const cacheDir = path.join(root, 'cache-recent');
+  const other = `You answer questions about the build machines. ${prose(50, 11)}`;
+  const model = await loadModel(path.join(models, 'tiny', 'model.gguf'));
+  t.teardown(() => model.dispose());
+  const prefix = templatePrefix(model, { system: SYSTEM })!;
+  const otherPrefix = templatePrefix(model, { system: other })!;
+  t.ok(commonPrefix(prefix, otherPrefix) < 16, 'the two system prefixes share less than the cache minimum');
+
+  let running = await startInProcess({ models, cacheDir, parallel: 2 });
+  await running.client.chat.completions.create({ model: 'tiny', messages: ask('How much memory does the RK3588 have?'), max_tokens: 2, temperature: 0 });
+  await running.client.chat.completions.create({ model: 'tiny', messages: [{ role: 'system', content: other }, { role: 'user', content: 'Which compiler?' }], max_tokens: 2, temperature: 0 });
+  await running.server.close();
+
+  running = await startInProcess({ models, cacheDir, parallel: 2 });
+  t.teardown(() => running.server.close());
+  // A raw prompt loads the model; it runs in sequence 0, so the restored prefix in sequence 1 stays.
+  await running.client.completions.create({ model: 'tiny', prompt: 'Hi', max_tokens: 1, temperature: 0 });
+  const served = await running.server.pool.get('tiny');
+  t.equal(served.context!.memory.range(1).max, otherPrefix.length - 1, 'sequence 1 holds the newest system prefix');
+  const newest = await running.client.chat.completions.create({ model: 'tiny', messages: [{ role: 'system', content: other }, { role: 'user', content: 'Which linker?' }], max_tokens: 2, temperature: 0 });
+  t.equal(newest.usage!.prompt_tokens_details!.cached_tokens, otherPrefix.length);
+  t.equal((newest as any).kvstash.tier, 'resident', 'the newest system prompt was waiting in a sequence');
+  const older = await running.client.chat.completions.create({ model: 'tiny', messages: ask('Who restarts the boards?'), max_tokens: 2, temperature: 0 });
+  t.equal(older.usage!.prompt_tokens_details!.cached_tokens, prefix.length, 'the older one is still restored');
+  t.not((older as any).kvstash.tier, 'resident', 'from RAM or disk, not from a sequence');
 });
 
 t.test('concurrent requests share the context (one sequence each) and get the text each gets alone', async (t) => {

@@ -294,6 +294,23 @@ export class PromptCache extends EventEmitter {
   }
 
   /**
+   * Disk entries that `context` can load (same model and layout), most recently used first, with
+   * their tokens: what a restarted process may restore before its first request asks for it
+   * (`kvstash serve` restores the newest system prompt this way). `labelPrefix` keeps only entries
+   * whose label starts with it.
+   */
+  async recent(context: Context, options: { labelPrefix?: string; limit?: number } = {}): Promise<Array<{ key: string; label: string | null; tokens: Int32Array; lastUsedMs: number }>> {
+    if (!this.disk) return [];
+    const identity = contextIdentity(context);
+    const { labelPrefix } = options;
+    return (await this.disk.list())
+      .filter((e) => !mismatchReason(e.header, identity) && (labelPrefix === undefined || e.header.label?.startsWith(labelPrefix) === true))
+      .sort((a, b) => b.lastUsedMs - a.lastUsedMs)
+      .slice(0, options.limit ?? Infinity)
+      .map((e) => ({ key: e.key, label: e.header.label, tokens: Int32Array.from(e.header.tokens), lastUsedMs: e.lastUsedMs }));
+  }
+
+  /**
    * The entries `labelOrKey` names: every entry with that label (newest first); else the entry
    * with that key; else every entry whose key starts with it (4+ hex digits, as `kvstash ls`
    * shows keys). More than one key match means the start was ambiguous.

@@ -114,15 +114,28 @@ export interface PreparedPrompt {
 const prefixMemo = new WeakMap<Model, Map<string, Int32Array>>();
 const PREFIX_MEMO_ENTRIES = 32;
 
-function prefixTokens(model: Model, prefix: string): Int32Array {
+function prefixTokens(model: Model, prefix: string, known?: Int32Array): Int32Array {
   let memo = prefixMemo.get(model);
   if (!memo) prefixMemo.set(model, (memo = new Map()));
-  let tokens = memo.get(prefix);
-  if (tokens) memo.delete(prefix);
-  else tokens = model.tokenize(prefix, { special: true });
+  let tokens = known ?? memo.get(prefix);
+  memo.delete(prefix);
+  tokens ??= model.tokenize(prefix, { special: true });
   memo.set(prefix, tokens);
   if (memo.size > PREFIX_MEMO_ENTRIES) memo.delete(memo.keys().next().value!);
   return tokens;
+}
+
+/**
+ * Remembers `tokens` as a rendered system prefix when they read back as text that tokenizes to
+ * them again (a server restoring a cached system prompt at load: its first request then skips
+ * tokenizing it). Returns whether they were remembered.
+ */
+export function rememberPrefixTokens(model: Model, tokens: Int32Array): boolean {
+  const text = model.detokenize(tokens, { special: true });
+  const again = model.tokenize(text, { special: true });
+  if (again.length !== tokens.length || again.some((token, i) => token !== tokens[i])) return false;
+  prefixTokens(model, text, again);
+  return true;
 }
 
 export function preparePrompt(model: Model, options: GenerateOptions): PreparedPrompt {
@@ -174,9 +187,12 @@ function systemText(system: string | undefined, tools: unknown): string | undefi
   return `${system ?? ''}${system ? '\n\n' : ''}# Tools\n\n${rendered}`;
 }
 
+/** How the labels of automatically cached template prefixes begin. */
+export const TEMPLATE_LABEL_PREFIX = 'template:';
+
 /** Label of an automatically cached template prefix: stable for the same rendered tokens. */
 export function templateLabel(prefix: Int32Array): string {
-  return `template:${createHash('sha256').update(Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength)).digest('hex').slice(0, 16)}`;
+  return `${TEMPLATE_LABEL_PREFIX}${createHash('sha256').update(Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength)).digest('hex').slice(0, 16)}`;
 }
 
 /** Generates a reply in one sequence of `context`, reusing cached prefixes. */
