@@ -3,6 +3,8 @@
 // every count is exact. No timing is asserted, only order: the first content cannot be seen before
 // the server was allowed to send it.
 import http from 'node:http';
+import os from 'node:os';
+import { Worker } from 'node:worker_threads';
 import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import t, { type Test } from 'tap';
@@ -10,6 +12,7 @@ import {
   evaluateServerTargets,
   loadRequest,
   percentile,
+  quietCpu,
   runRound,
   ServerBenchError,
   ServerProcess,
@@ -139,6 +142,16 @@ t.test('runRound and summarizeRounds: every client counted, output tokens summed
     const last = Math.max(...round.responses.map((r) => r.endedAt));
     t.equal(round.wallMs, last - first, 'a round lasts from its first request to its last stream end');
   }
+});
+
+t.test('quietCpu: not quiet while every core spins; waits its whole limit for that', async (t) => {
+  // One spinning worker per core keeps the machine's CPUs fully busy, far over the 10 % it waits for.
+  const spinners = Array.from({ length: os.availableParallelism() }, () => new Worker('const end = Date.now() + 3000; while (Date.now() < end);', { eval: true }));
+  t.teardown(() => Promise.all(spinners.map((w) => w.terminate())));
+  await Promise.all(spinners.map((w) => new Promise((resolve) => w.once('online', resolve))));
+  const started = performance.now();
+  t.equal(await quietCpu(300), false);
+  t.ok(performance.now() - started >= 300, 'it waited until its limit');
 });
 
 t.test('percentile: nearest rank', async (t) => {

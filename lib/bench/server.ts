@@ -411,6 +411,40 @@ export class ServerProcess {
   }
 }
 
+/**
+ * Waits, at most `maxMs`, until the machine's CPUs are nearly idle over a 25 ms window; resolves
+ * with whether they were. After its last decode, ggml's worker threads keep polling for new work
+ * for about 100 ms: measured here, 90-110 ms of CPU time in the 100 ms after each response, for
+ * llama-server and kvstash alike. A request sent to one server then ran on one core of two while
+ * the other server's threads spun on the other, so every measured request, round and pair waits
+ * for the machine to settle first. /proc/stat missing (not Linux): no wait.
+ */
+export async function quietCpu(maxMs = 1000): Promise<boolean> {
+  const read = (): { busy: number; total: number } | null => {
+    let line: string;
+    try {
+      line = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!;
+    } catch {
+      return null;
+    }
+    // cpu  user nice system idle iowait irq softirq steal ...
+    const fields = line.trim().split(/\s+/).slice(1, 9).map(Number);
+    const total = fields.reduce((sum, v) => sum + v, 0);
+    return { busy: total - fields[3]! - fields[4]!, total };
+  };
+  const deadline = performance.now() + maxMs;
+  let before = read();
+  if (!before) return true;
+  while (performance.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 25));
+    const after = read()!;
+    const window = after.total - before.total;
+    if (window > 0 && (after.busy - before.busy) / window < 0.1) return true;
+    before = after;
+  }
+  return false;
+}
+
 function firstUrlLine(child: ChildProcess): Promise<string> {
   return new Promise((resolve) => {
     let text = '';
@@ -601,6 +635,7 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
     for (const side of sides) {
       await guard(side, signal, async () => {
         side.result.startMs = await ui.status(`[${side.result.name}] Starting`, () => side.server.start(signal));
+        await quietCpu();
         const cold = await ui.status(`[${side.result.name}] Cold request (the system prompt prefilled)`, () => streamChat(side.server.url, request('cold', 0), signal));
         side.result.coldTtftMs = cold.ttftMs;
         side.result.promptTokens = cold.promptTokens;
@@ -609,12 +644,15 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
         await ui.status(`[${side.result.name}] Restarting`, () => side.server.start(signal));
         // kvstash loads a model on its first request, llama-server before /health says 200: a one-token
         // raw completion loads it, so the chat request after it measures the prompt cache, not the load.
+        await quietCpu();
         side.result.loadRequestMs = await loadRequest(side.server.url, modelId, signal);
+        await quietCpu();
         const first = await ui.status(`[${side.result.name}] First request after the restart`, () => streamChat(side.server.url, request('restart', 0), signal));
         side.result.restartTtftMs = first.ttftMs;
         side.result.restartCachedTokens = first.cachedTokens;
         const warm: number[] = [];
         for (let i = 0; i < config.warmRequests; i++) {
+          await quietCpu();
           const r = await streamChat(side.server.url, request('restart', i + 1), signal);
           warm.push(r.ttftMs);
           side.result.completionTokensPerRequest.push(r.completionTokens);
@@ -633,6 +671,7 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
         for (const side of sides) {
           await guard(side, signal, async () => {
             const label = round === 0 ? `first round of ${clients} new clients` : `round ${round} of ${config.rounds}`;
+            await quietCpu();
             const result = await ui.status(`[${side.result.name}] ${clients} concurrent clients, ${label}`, () =>
               runRound(side.server.url, ids.map((id) => request(id, round)), signal),
             );
@@ -747,9 +786,13 @@ async function measureOverhead(
     for (let pair = 1; pair <= config.overheadPairs; pair++) {
       signal.throwIfAborted();
       const same = request('overhead', pair);
-      const overHttp = () => streamChat(url, same, signal);
+      const overHttp = async () => {
+        await quietCpu();
+        return streamChat(url, same, signal);
+      };
       const inProcess = async () => {
         await context.exclusive(() => context.memory.remove(1));
+        await quietCpu();
         return generate(context, { system: same.system, messages: [{ role: 'user', content: same.question }], cache, sequence: 1, maxTokens: config.maxTokens }).result;
       };
       // Alternate which goes first, so a drift of the machine's load favours neither.
