@@ -1,5 +1,5 @@
-// The one base of every slow native operation: runs Run() on a libuv worker thread and settles a
-// Promise on the main thread. Subclasses are named after what they do (ContextDecodeWorker, ...).
+// The one base of every slow native operation: runs Run() on a libuv worker thread (or its owner's
+// OperationThread) and settles a Promise on the main thread. Subclasses are named after what they do (ContextDecodeWorker, ...).
 //
 // Rules the base enforces: Run() never touches JS values; every exception thrown by Run() is
 // caught and becomes a coded KvstashError; Settle() runs on the main thread on success and on
@@ -21,11 +21,13 @@ class PromiseWorker : public Napi::AsyncWorker {
 
   Napi::Promise Start() {
     Napi::Promise promise = deferred_.Promise();
-    Queue();
+    Dispatch();
     return promise;
   }
 
  protected:
+  // Where Run() goes: libuv's pool, unless the owner keeps a thread of its own (ContextWorker).
+  virtual void Dispatch() { Queue(); }
   virtual void Run() = 0;
   // Builds the resolution value on the main thread.
   virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }

@@ -81,6 +81,11 @@ class ContextWorker : public PromiseWorker {
 
   void Settle() override { owner_->FinishOperation(); }
 
+  // Every operation of a context runs on that context's own thread (OperationThread.h says why).
+  void Dispatch() override {
+    if (!owner_->operations().Run(Env(), this)) Queue();
+  }
+
   LlamaContext* owner_;
 
  private:
@@ -235,6 +240,7 @@ void LlamaContext::WaitIdleAndFree() {
   outputs_ = DecodeOutputs();
   importScratch_.Release();
   importReader_.Stop();
+  operations_.Stop();
 }
 
 void LlamaContext::RequireLive(Napi::Env env) const {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/HelperThread.h"
+#include "common/OperationThread.h"
 #include "common/ScratchBuffer.h"
 #include "ggml-cpu.h"
 #include "llama.h"
@@ -55,6 +56,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   void MarkIdle();         // worker thread, at the very end of its work
   bool AbortRequested() const { return abort_.load(); }
   void PublishOutputs(DecodeOutputs&& outputs) { outputs_ = std::move(outputs); }
+  OperationThread& operations() { return operations_; }
 
  private:
   friend class ContextCreateWorker;
@@ -111,6 +113,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   DecodeOutputs outputs_;
   ScratchBuffer importScratch_;  // verified imports read entry files into it
   HelperThread importReader_;    // and read ahead on this thread (StateReadGate)
+  OperationThread operations_;   // where decodes and state operations run
   std::atomic<bool> busy_{false};
   std::atomic<bool> abort_{false};
   // `running_` is true from the start of a slow operation until its worker thread has left
