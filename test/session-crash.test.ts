@@ -13,14 +13,16 @@ const TURNS = 6;
 const TRIALS = Number(process.env.KVSTASH_CRASH_TRIALS ?? (process.env.KVSTASH_EMULATED === '1' ? 5 : 30));
 // Where the build's logits depend on how tokens were batched (see batchingDifference), a turn the
 // resume caught up on is compared within this. The shifted catch-up of a broken build moved these
-// logits by 0.011 to 0.042 (issue 19); arm64's batching differences were 3e-4 to 6e-4.
+// logits by 0.011 to 0.042 (issue 19); batching differences were 3e-4 to 7e-4 on arm64 and 2.2e-4
+// for a native x64 build on a Xeon with AVX-512.
 const CATCH_UP_TOLERANCE = 2e-3;
 
 /**
  * How far the logits after a piece decoded in one batch are from those after the same piece
- * decoded token by token (0 when bit-identical). x64's ggml kernels give 0; arm64's give 3e-4 to
- * 6e-4 for a 31-token piece of this model (measured under qemu on the armv8.2-a+dotprod+fp16 and the
- * armv8-a build). A resume decodes the turns it catches up on in one batch, while the killed child
+ * decoded token by token (0 when bit-identical). It depends on the CPU's kernels, not only the
+ * architecture: for a 31-token piece of this model, the x64 machines of earlier runs gave 0, and a
+ * native build on a Xeon with AVX-512 2.2e-4; arm64's gave 3e-4 to 6e-4 (measured under qemu on the
+ * armv8.2-a+dotprod+fp16 and the armv8-a build). A resume decodes the turns it catches up on in one batch, while the killed child
  * decoded them as prompt then token by token, so only on a batch-invariant build can those cells be
  * the child's bit for bit.
  */
@@ -54,9 +56,9 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
   const model = await loadModel(modelPath);
   const batching = await batchingDifference(model);
   t.comment(`batched vs token-by-token decode: max logit difference ${batching} (${process.arch})`);
-  // x64 keeps the strict comparison for every trial: a build that lost it must be looked at, not
-  // silently compared within a tolerance.
-  if (process.arch === 'x64') t.equal(batching, 0, 'x64: logits do not depend on how the tokens were batched');
+  // The tolerance for caught-up turns must stay well above what batching alone moves: a build
+  // whose kernels move more must be looked at, not compared within a tolerance it fills.
+  t.ok(batching <= CATCH_UP_TOLERANCE / 3, `batching moves the logits by ${batching}, at most a third of the ${CATCH_UP_TOLERANCE} tolerance`);
   const referenceContext = await model.createContext(CONTEXT);
   const reference = await Session.resume({ dir: path.join(root, 'reference'), id: 'chat', context: referenceContext });
   const expected = reference.history.map((m) => m.content);
@@ -93,7 +95,7 @@ t.test(`${TRIALS} SIGKILLs at random moments`, async (t) => {
       // cells after the resumed turn must be the uninterrupted run's, bit for bit. A checkpoint
       // restores the child's cells exactly; a tolerance would hide a lost cell (one missing
       // end-of-turn cell of ~300 moves these logits by only ~2e-4). Only a turn caught up on a
-      // build whose logits depend on batching (arm64) is compared within CATCH_UP_TOLERANCE.
+      // build whose logits depend on batching (arm64, AVX-512) is compared within CATCH_UP_TOLERANCE.
       const probe = await probeLogits(model, context);
       const reference = readProbe(path.join(root, 'reference'), turns + 1);
       probeDiffs.push(maxAbsDiff(probe, reference));
