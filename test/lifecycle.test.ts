@@ -106,6 +106,38 @@ t.test('model.dispose() disposes its contexts first, then rejects everything', a
   await own.dispose();
 });
 
+t.test('worker threads: one terminated in the middle of a decode and one left with an idle context both end cleanly', async (t) => {
+  // A context settles its operations through a thread-safe function that the environment's
+  // teardown closes while the context's own thread may still be decoding (OperationThread.cpp).
+  // Each worker runs in a child process, so that a crash fails this test instead of the runner. The
+  // worker loads the compiled package (dist/, built by pretest): workers do not get tap's TS hooks.
+  const modelPath = await tinyModel();
+  const script = (terminate: boolean) => `
+    const { Worker } = require('node:worker_threads');
+    const code = \`
+      const { parentPort } = require('node:worker_threads');
+      const { loadModel } = require(${JSON.stringify(path.resolve(__dirname, '../dist/index.js'))});
+      (async () => {
+        const model = await loadModel(${JSON.stringify(modelPath)});
+        const context = await model.createContext({ contextSize: 4096 });
+        await context.decode(new Int32Array(8).fill(11));
+        ${terminate ? 'void context.decode(new Int32Array(3000).fill(11), { start: 8 }); parentPort.postMessage(\'decoding\');' : 'parentPort.postMessage(\'idle\');'}
+      })();
+    \`;
+    const worker = new Worker(code, { eval: true });
+    worker.on('message', (m) => { console.log(m); if (m === 'decoding') setTimeout(() => worker.terminate(), 20); });
+    worker.on('error', (e) => { console.error(e); process.exit(3); });
+    worker.on('exit', (code) => { console.log('worker exit ' + code); });
+  `;
+  for (const terminate of [true, false]) {
+    const result = spawnSync(process.execPath, [...process.execArgv, '-e', script(terminate)], { encoding: 'utf8', timeout: 60_000 });
+    const name = terminate ? 'terminated mid-decode' : 'idle context';
+    t.equal(result.signal, null, `${name}: no crash signal (stderr: ${result.stderr.slice(-300)})`);
+    t.equal(result.status, 0, `${name}: the process ended by itself, exit code 0`);
+    t.same(result.stdout.trim().split('\n'), terminate ? ['decoding', 'worker exit 1'] : ['idle', 'worker exit 0'], `${name}: the worker ran and ended`);
+  }
+});
+
 t.test('a process that exits in the middle of a decode exits cleanly', async (t) => {
   const script = `
     const { loadModel } = require(${JSON.stringify(path.resolve(__dirname, '../lib/index.ts'))});

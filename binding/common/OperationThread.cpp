@@ -15,6 +15,7 @@ bool OperationThread::Run(Napi::Env env, Napi::AsyncWorker* worker) {
     }
     link_ = link;
     settlerLive_ = true;
+    settlerClosed_ = false;
     // An idle owner must not keep the process alive; a running operation does (Ref below).
     settler_.Unref(env);
     quit_ = false;
@@ -46,8 +47,10 @@ void OperationThread::Loop() {
     }
     // Execute() never touches JS (the env argument is unused off the main thread).
     job->OnExecute(Napi::Env(nullptr));
-    // Unbounded queue: this only fails while the environment is torn down, when nobody waits.
-    settler_.NonBlockingCall(job);
+    // Under the lock, so that the settler cannot be finalized (and freed) between the check and
+    // the call. Unbounded queue: the call fails only while the environment is torn down.
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!settlerClosed_) settler_.NonBlockingCall(job);
   }
 }
 
@@ -58,7 +61,13 @@ void OperationThread::Complete(Napi::Env env, Napi::Function, OperationThread* s
 }
 
 void OperationThread::Finalized(Napi::Env, Link* link, OperationThread*) {
-  if (link->owner != nullptr) link->owner->settlerLive_ = false;
+  // At environment teardown Node.js finalizes (then frees) the settler even while this thread may
+  // still call it: from here on the thread must not.
+  if (OperationThread* owner = link->owner) {
+    std::lock_guard<std::mutex> lock(owner->mutex_);
+    owner->settlerClosed_ = true;
+    owner->settlerLive_ = false;
+  }
   delete link;
 }
 

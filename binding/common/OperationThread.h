@@ -56,6 +56,8 @@ class OperationThread {
   // Main thread only: whether settler_ exists and has not been finalized (at environment teardown
   // Node.js closes it before the owner's destructor runs; releasing it then would touch freed memory).
   bool settlerLive_ = false;
+  // Set (under mutex_) when the settler is finalized; the thread then settles nothing more.
+  bool settlerClosed_ = false;
 };
 
 }  // namespace kvstash
