@@ -1,6 +1,7 @@
 // generate(): streaming, stops, template prefix caching, continuous batching, abort.
 import t from 'tap';
 import { rememberPrefixTokens, templatePrefix, TEMPLATE_LABEL_PREFIX } from '../lib/generate/generate.js';
+import { PROMPT_GROUP_TOKENS } from '../lib/generate/scheduler.js';
 import { generate, loadModel, PromptCache, type Context, type Model } from '../lib/index.js';
 import { prose, tinyModel } from './helpers/fixtures.js';
 
@@ -146,6 +147,42 @@ t.test('requests that arrive together restore from the cache and share one promp
   // The first prompt's batch waits for the imports already queued on the context, so all four
   // prompts go in one batch, then 3 shared steps.
   t.equal(decodes(), 4, 'one prompt batch and 3 steps');
+  await context.dispose();
+});
+
+t.test('prompts that arrive together are prefilled in groups of at least PROMPT_GROUP_TOKENS, not all in one batch', async (t) => {
+  const cache = new PromptCache({ dir: null });
+  const context = await model.createContext({ contextSize: 8192, sequences: 8 });
+  await generate(context, { system, prompt: 'warm', cache, sequence: 0, maxTokens: 1 }).result;
+  const questions = Array.from({ length: 8 }, (_, i) => prose(100, 20 + i));
+  const own = await model.createContext({ contextSize: 4096 });
+  const alone = [];
+  for (const question of questions) alone.push(Array.from((await generate(own, { system, prompt: question, maxTokens: 3 }).result).tokens));
+  await own.dispose();
+  // Per decode: the prompt tokens of each sequence that had more than one token in it.
+  const batches: number[][] = [];
+  const decode = context.decode.bind(context);
+  context.decode = (tokens, options) => {
+    const counts = new Map<number, number>();
+    for (const s of options!.sequence as Int32Array) counts.set(s, (counts.get(s) ?? 0) + 1);
+    batches.push([...counts.values()].filter((n) => n > 1));
+    return decode(tokens, options);
+  };
+  const results = await Promise.all(questions.map((question, i) => generate(context, { system, prompt: question, cache, sequence: i, maxTokens: 3 }).result));
+  results.forEach((r, i) => t.same(Array.from(r.tokens), alone[i], `sequence ${i}: the same tokens as alone`));
+  t.ok(results.every((r) => r.tier === 'resident' && r.evaluatedTokens > 90), 'each evaluated its own question after the resident prefix');
+  const promptBatches = batches.filter((b) => b.length > 0);
+  const sum = (b: number[]) => b.reduce((a, n) => a + n, 0);
+  t.ok(promptBatches.length >= 3, `the 8 prompts went in ${promptBatches.length} batches: ${JSON.stringify(promptBatches)}`);
+  t.equal(promptBatches.flat().length, 8, 'each prompt in exactly one batch (none is split: they fit the batch size)');
+  for (const [i, b] of promptBatches.entries()) {
+    // A group closes at the first prompt that brings it to PROMPT_GROUP_TOKENS.
+    t.ok(sum(b) - Math.min(...b) < PROMPT_GROUP_TOKENS, `batch ${i}: ${JSON.stringify(b)} took no prompt after reaching ${PROMPT_GROUP_TOKENS} tokens`);
+    if (i < promptBatches.length - 1) t.ok(sum(b) >= PROMPT_GROUP_TOKENS, `batch ${i}: ${JSON.stringify(b)} holds at least ${PROMPT_GROUP_TOKENS} prompt tokens`);
+  }
+  // The first group's first tokens came a group earlier than the last group's.
+  const ttfts = results.map((r) => r.ttftMs).sort((a, b) => a - b);
+  t.ok(ttfts[0]! < ttfts[7]!, `first token times ${ttfts.map((x) => x.toFixed(1)).join(', ')} ms`);
   await context.dispose();
 });
 

@@ -23,6 +23,18 @@ interface Submission {
 
 const schedulers = new WeakMap<Context, BatchScheduler>();
 
+/**
+ * Once a batch holds this many prompt tokens, the prompts still waiting go in the next batch
+ * instead of this one (a prompt already in it still fills it up to the batch size). Clients that
+ * arrive together are then prefilled in groups, and the first group's first tokens come one group's
+ * prefill after arrival instead of everyone's: 8 questions of 71 tokens after a shared 2,000-token
+ * prefix on qwen2-0.5b q8_0, 2 threads, took 3.8 s in one batch, and 4 of them 2.1 s: in two
+ * batches of 4, the first four have their logits after 2.1 s instead of 3.8 s. On that CPU a batch
+ * costs about 130 ms plus 6.6 ms per token, so smaller groups lose more to the fixed part (one
+ * prompt per batch: 5.0 s for the eight). At 256 tokens it is under a tenth of a batch's time.
+ */
+export const PROMPT_GROUP_TOKENS = 256;
+
 export class BatchScheduler {
   private waiting: Submission[] = [];
   private running = false;
@@ -93,11 +105,16 @@ export class BatchScheduler {
     live.sort((a, b) => a.tokens.length - a.done - (b.tokens.length - b.done));
     const parts: Array<{ submission: Submission; from: number; to: number }> = [];
     let used = 0;
+    let promptTokens = 0;
     for (const submission of live) {
       if (used >= budget) break;
-      const take = Math.min(submission.tokens.length - submission.done, budget - used);
+      const remaining = submission.tokens.length - submission.done;
+      // Sorted by what is left: from the first prompt on, everything after is a prompt too.
+      if (remaining > 1 && promptTokens >= PROMPT_GROUP_TOKENS) break;
+      const take = Math.min(remaining, budget - used);
       parts.push({ submission, from: submission.done, to: submission.done + take });
       used += take;
+      if (remaining > 1) promptTokens += take;
     }
     if (parts.length === 0) return;
 
