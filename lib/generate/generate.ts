@@ -142,7 +142,7 @@ export function preparePrompt(model: Model, options: GenerateOptions): PreparedP
   const chat = options.messages !== undefined || options.system !== undefined || options.tools !== undefined;
   if (!chat) {
     if (options.prompt === undefined) throw new TypeError('generate: give a prompt or messages');
-    const tokens = typeof options.prompt === 'string' ? model.tokenize(options.prompt, { special: true }) : Int32Array.from(options.prompt);
+    const tokens = typeof options.prompt === 'string' ? model.tokenize(options.prompt, { special: true }) : options.prompt instanceof Int32Array ? options.prompt.slice() : Int32Array.from(options.prompt);
     const prefixLength = options.prefixLength === undefined ? 0 : requireInteger(options.prefixLength, 'prefixLength', 0, tokens.length);
     return { tokens, prefixLength };
   }

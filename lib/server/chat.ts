@@ -57,11 +57,12 @@ export function startRun(served: ServedModel, sequence: number, spec: Generation
   if (served.kind === 'rkllm') return startRkllmRun(served.model as RkllmModel, spec, signal);
   const context = served.context!;
   const model = served.model as Model;
+  // Rendered and tokenized once: generate() takes the tokens and where the cacheable prefix ends,
+  // instead of rendering the messages again (about 0.8 ms of a 2,000-token system prompt).
+  const prepared = preparePrompt(model, { prompt: spec.prompt, messages: spec.messages, system: spec.system, tools: spec.tools });
   const options: GenerateOptions = {
-    prompt: spec.prompt,
-    messages: spec.messages,
-    system: spec.system,
-    tools: spec.tools,
+    prompt: prepared.tokens,
+    prefixLength: prepared.prefixLength,
     cache: served.cache ?? undefined,
     sequence,
     sampling: spec.sampling,
@@ -69,7 +70,7 @@ export function startRun(served: ServedModel, sequence: number, spec: Generation
     signal,
   };
   const limit = context.info.sequenceContextSize;
-  const promptTokens = preparePrompt(model, options).tokens.length;
+  const promptTokens = prepared.tokens.length;
   if (promptTokens + (spec.maxTokens ?? 1) > limit) {
     throw new ApiError(
       400,
