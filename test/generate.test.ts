@@ -1,7 +1,7 @@
 // generate(): streaming, stops, template prefix caching, continuous batching, abort.
 import t from 'tap';
 import { rememberPrefixTokens, templatePrefix, TEMPLATE_LABEL_PREFIX } from '../lib/generate/generate.js';
-import { PROMPT_GROUP_TOKENS } from '../lib/generate/scheduler.js';
+import { promptGroupTokens, PROMPT_GROUP_MIN_TOKENS } from '../lib/generate/scheduler.js';
 import { generate, loadModel, PromptCache, type Context, type Model } from '../lib/index.js';
 import { prose, tinyModel } from './helpers/fixtures.js';
 
@@ -150,7 +150,8 @@ t.test('requests that arrive together restore from the cache and share one promp
   await context.dispose();
 });
 
-t.test('prompts that arrive together are prefilled in groups of at least PROMPT_GROUP_TOKENS, not all in one batch', async (t) => {
+t.test('prompts that arrive together are prefilled in halves, not all in one batch', async (t) => {
+  t.same([promptGroupTokens(0), promptGroupTokens(100), promptGroupTokens(840), promptGroupTokens(841)], [PROMPT_GROUP_MIN_TOKENS, PROMPT_GROUP_MIN_TOKENS, 420, 421]);
   const cache = new PromptCache({ dir: null });
   const context = await model.createContext({ contextSize: 8192, sequences: 8 });
   await generate(context, { system, prompt: 'warm', cache, sequence: 0, maxTokens: 1 }).result;
@@ -173,16 +174,18 @@ t.test('prompts that arrive together are prefilled in groups of at least PROMPT_
   t.ok(results.every((r) => r.tier === 'resident' && r.evaluatedTokens > 90), 'each evaluated its own question after the resident prefix');
   const promptBatches = batches.filter((b) => b.length > 0);
   const sum = (b: number[]) => b.reduce((a, n) => a + n, 0);
-  t.ok(promptBatches.length >= 3, `the 8 prompts went in ${promptBatches.length} batches: ${JSON.stringify(promptBatches)}`);
-  t.equal(promptBatches.flat().length, 8, 'each prompt in exactly one batch (none is split: they fit the batch size)');
+  // 8 prompts of about 105 tokens: 4, then 2 of the 4 left, then 1 and 1.
+  t.same(promptBatches.map((b) => b.length), [4, 2, 1, 1], `the 8 prompts went in batches of ${JSON.stringify(promptBatches)}`);
+  let waiting = sum(promptBatches.flat());
   for (const [i, b] of promptBatches.entries()) {
-    // A group closes at the first prompt that brings it to PROMPT_GROUP_TOKENS.
-    t.ok(sum(b) - Math.min(...b) < PROMPT_GROUP_TOKENS, `batch ${i}: ${JSON.stringify(b)} took no prompt after reaching ${PROMPT_GROUP_TOKENS} tokens`);
-    if (i < promptBatches.length - 1) t.ok(sum(b) >= PROMPT_GROUP_TOKENS, `batch ${i}: ${JSON.stringify(b)} holds at least ${PROMPT_GROUP_TOKENS} prompt tokens`);
+    const group = promptGroupTokens(waiting);
+    t.ok(sum(b) >= group || i === promptBatches.length - 1, `batch ${i}: ${JSON.stringify(b)} holds half of the ${waiting} prompt tokens waiting`);
+    t.ok(sum(b) - b.at(-1)! < group, `batch ${i}: and took no prompt after reaching ${group}`);
+    waiting -= sum(b);
   }
-  // The first group's first tokens came a group earlier than the last group's.
+  // The first half's first tokens came before the others' prompts were evaluated.
   const ttfts = results.map((r) => r.ttftMs).sort((a, b) => a - b);
-  t.ok(ttfts[0]! < ttfts[7]!, `first token times ${ttfts.map((x) => x.toFixed(1)).join(', ')} ms`);
+  t.ok(ttfts[3]! < ttfts[4]!, `first token times ${ttfts.map((x) => x.toFixed(1)).join(', ')} ms`);
   await context.dispose();
 });
 
