@@ -189,6 +189,26 @@ t.test('prompts that arrive together are prefilled in halves, not all in one bat
   await context.dispose();
 });
 
+t.test('a streamed chunk reaches its reader before the next step is decoded', async (t) => {
+  // A decode started in the same microtask run as the chunk's delivery took the cores from the
+  // main thread, which then wrote the chunk to its socket only 2-3 ms later.
+  const context = await model.createContext({ contextSize: 2048 });
+  let inFlight = 0;
+  const decode = context.decode.bind(context);
+  context.decode = (tokens, options) => {
+    inFlight++;
+    return decode(tokens, options).finally(() => inFlight--);
+  };
+  const busy: number[] = [];
+  for await (const chunk of generate(context, { prompt: 'The cache of the prompt is', maxTokens: 24 })) {
+    void chunk;
+    busy.push(inFlight);
+  }
+  t.ok(busy.length >= 10, `${busy.length} chunks`);
+  t.same(busy, busy.map(() => 0), 'no decode was running when a chunk was read');
+  await context.dispose();
+});
+
 t.test('a generation still running lends its restored prefix to the next one: shared KV cells, not another copy', async (t) => {
   const cache = new PromptCache({ dir: t.testdir() });
   const context = await model.createContext({ contextSize: 4096, sequences: 3 });

@@ -77,6 +77,12 @@ export class BatchScheduler {
       while (this.waiting.length > 0) {
         await this.letQueuedRestoresIn();
         await this.runBatch();
+        // A macrotask before the next batch: what the last one's outputs set off in microtasks
+        // (streamed chunks written to their sockets, the next steps submitted) runs before the
+        // next decode occupies the compute threads. Started right away, the decode's threads
+        // took the cores from the main thread: on 2 cores a streamed token reached its socket
+        // 2-3 ms after it was sampled, and the decode stalled at its barriers meanwhile.
+        await new Promise<void>((resolve) => setImmediate(resolve));
       }
     } finally {
       this.running = false;
