@@ -144,7 +144,8 @@ export function renderServerReport(report: ServerBenchReport): string {
   lines.push(table(['', ...names], rows, ['left', 'right', 'right']), '');
   if (!('unavailable' in report.overhead)) {
     const o = report.overhead;
-    lines.push(`HTTP overhead (kvstash): server TTFT ${ms(o.serverTtft.median)} vs generate() ${ms(o.libraryTtft.median)} on the same requests; median difference ${o.overheadMs.toFixed(2)} ms`);
+    lines.push(`HTTP overhead (kvstash): TTFT at the client − generate()'s TTFT inside the server, median ${o.overheadMs.toFixed(2)} ms of ${o.inServerDifferences.length} requests`);
+    lines.push(`  the same requests through generate() in this process, own context: server ${ms(o.serverTtft.median)} vs library ${ms(o.libraryTtft.median)}, median difference ${o.pairedDifferenceMs.toFixed(2)} ms`);
   } else lines.push(`HTTP overhead not measured: ${report.overhead.unavailable.split('\n')[0]}`);
   if (!('unavailable' in report.ceiling)) lines.push(`llama.cpp's own batching gain (llama-batched-bench): ${report.ceiling.gain.toFixed(2)}× (${report.ceiling.command})`);
   else lines.push(`llama.cpp's batching gain not measured: ${report.ceiling.unavailable.split('\n')[0]}`);
