@@ -6,10 +6,11 @@
 // kvstash's server (lib/bench/server.ts).
 //
 //   node scripts/llama-server.js            builds it (once) and prints the binaries' paths as JSON:
-//                                           {"server": ..., "batchedBench": ...}
+//                                           {"server": ..., "batchedBench": ..., "llamaBench": ...}
 //
-// llama-batched-bench comes from the same build: the bench compares the servers' concurrency gain
-// with llama.cpp's own batching gain, measured as scripts/batched-ceiling.js measures it.
+// llama-batched-bench and llama-bench come from the same build: the bench compares the servers'
+// concurrency gain with llama.cpp's own batching gain, measured as scripts/batched-ceiling.js
+// measures it, and a single client's TTFT with llama.cpp's own time to prefill its question.
 //
 // The pristine tree is a local clone of deps/llama.cpp's pinned commit: kvstash's edits live in
 // that checkout's working tree only, never in a commit, so the clone holds the published files. The
@@ -51,7 +52,7 @@ function pristineTree(root) {
   return tree;
 }
 
-/** Builds llama-server and llama-batched-bench (once per pinned commit): the binaries' paths. */
+/** Builds llama-server, llama-batched-bench and llama-bench (once per pinned commit): the binaries' paths. */
 function buildLlamaServer() {
   const root = cacheRoot();
   const bin = path.join(root, 'build', 'bin');
@@ -65,8 +66,8 @@ function buildLlamaServer() {
   execFileSync('cmake', ['-S', tree, '-B', buildDir, ...(hasCommand('ninja') ? ['-G', 'Ninja'] : []), '-DCMAKE_BUILD_TYPE=Release',
     '-DLLAMA_BUILD_TOOLS=ON', '-DLLAMA_BUILD_EXAMPLES=OFF', '-DLLAMA_BUILD_TESTS=OFF', '-DLLAMA_BUILD_SERVER=ON',
     '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DGGML_OPENMP=OFF', '-DGGML_NATIVE=ON', ...noAmxCmakeFlags(), ...launcher], { env, stdio: ['ignore', 'ignore', 'inherit'] });
-  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-server', 'llama-batched-bench'], { env, stdio: ['ignore', process.stderr, 'inherit'] });
-  const built = { server: path.join(bin, 'llama-server'), batchedBench: path.join(bin, 'llama-batched-bench') };
+  execFileSync('cmake', ['--build', buildDir, '--target', 'llama-server', 'llama-batched-bench', 'llama-bench'], { env, stdio: ['ignore', process.stderr, 'inherit'] });
+  const built = { server: path.join(bin, 'llama-server'), batchedBench: path.join(bin, 'llama-batched-bench'), llamaBench: path.join(bin, 'llama-bench') };
   for (const binary of Object.values(built)) if (!fs.existsSync(binary)) throw new Error(`the build finished without ${binary}`);
   return built;
 }

@@ -589,7 +589,21 @@ export interface ServerBenchReport {
   servers: Partial<Record<ServerName, ServerSideResult | { unavailable: string }>>;
   overhead: OverheadResult | { unavailable: string };
   ceiling: { gain: number; tokensPerSecond: Record<string, number>; command: string } | { unavailable: string };
+  /**
+   * llama.cpp's own time to prefill one client's question (the prompt tokens after the system
+   * prompt) at the system prompt's depth, with llama-bench on the same file and threads: no server
+   * answers one client faster than this.
+   */
+  prefillFloor: PrefillFloor | { unavailable: string };
   targets: ServerTarget[];
+}
+
+export interface PrefillFloor {
+  /** Mean over llama-bench's repetitions. Unit: ms. */
+  ms: number;
+  promptTokens: number;
+  depth: number;
+  command: string;
 }
 
 export interface ServerBenchOptions {
@@ -625,7 +639,7 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
     const prompts = buildServerPrompts(model, config.prefixTokens, config.questionTokens);
     const request = (client: string, round: number): ChatRequest => ({ model: modelId, system: prompts.system, question: prompts.question(client, round), maxTokens: config.maxTokens });
 
-    let binaries: { server: string; batchedBench: string } | { unavailable: string } = { unavailable: 'not wanted' };
+    let binaries: LlamaBinaries | { unavailable: string } = { unavailable: 'not wanted' };
     if (wanted.includes('llama-server')) {
       binaries = await ui.status('Building llama-server from the pinned llama.cpp tree (once)', () => buildLlamaBinaries());
       if ('unavailable' in binaries) report.servers!['llama-server'] = binaries;
@@ -719,6 +733,17 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
         ? { unavailable: binaries.unavailable }
         : await ui.status('llama.cpp batching ceiling (llama-batched-bench)', () => measureCeiling(binaries.batchedBench, modelPath, config)).catch((err: Error) => ({ unavailable: err.message }));
 
+    // 5. llama.cpp's own prefill of one client's question, after the system prompt.
+    const promptTokens = sides.find((s) => s.result.promptTokens !== undefined)?.result.promptTokens;
+    report.prefillFloor =
+      'unavailable' in binaries
+        ? { unavailable: binaries.unavailable }
+        : promptTokens === undefined
+          ? { unavailable: 'no request was measured' }
+          : await ui.status("llama.cpp's own prefill of one question (llama-bench)", () =>
+              measurePrefillFloor(binaries.llamaBench, modelPath, promptTokens - prompts.systemTokens, prompts.systemTokens, config.threads),
+            ).catch((err: Error) => ({ unavailable: err.message }));
+
     for (const side of sides) {
       report.servers![side.result.name] = side.failed !== null ? { unavailable: side.failed } : (roundDeep({ ...side.result, command: side.server.commandLine }) as ServerSideResult);
     }
@@ -735,6 +760,7 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
       servers: report.servers!,
       overhead: roundDeep(report.overhead) as ServerBenchReport['overhead'],
       ceiling: report.ceiling,
+      prefillFloor: roundDeep(report.prefillFloor) as ServerBenchReport['prefillFloor'],
       targets: [],
     };
     full.targets = evaluateServerTargets(full);
@@ -767,13 +793,19 @@ async function guard(side: Side, signal: AbortSignal, phase: () => Promise<void>
 }
 
 /** scripts/llama-server.js in a child process (it prints the binaries' paths), or why not. */
-async function buildLlamaBinaries(): Promise<{ server: string; batchedBench: string } | { unavailable: string }> {
+interface LlamaBinaries {
+  server: string;
+  batchedBench: string;
+  llamaBench: string;
+}
+
+async function buildLlamaBinaries(): Promise<LlamaBinaries | { unavailable: string }> {
   const script = path.join(packageRoot, 'scripts', 'llama-server.js');
   if (!fs.existsSync(script)) return { unavailable: `${script} is missing (it is not part of the installed package)` };
   return new Promise((resolve) => {
     execFile(process.execPath, [script], { maxBuffer: 1 << 24 }, (err, stdout, stderr) => {
       if (err) resolve({ unavailable: `building llama-server failed: ${stderr.trim().split('\n').slice(-5).join('\n')}` });
-      else resolve(JSON.parse(stdout.trim().split('\n').pop()!) as { server: string; batchedBench: string });
+      else resolve(JSON.parse(stdout.trim().split('\n').pop()!) as LlamaBinaries);
     });
   });
 }
@@ -847,6 +879,17 @@ async function measureOverhead(
   }
 }
 
+async function measurePrefillFloor(binary: string, modelPath: string, promptTokens: number, depth: number, threads: number): Promise<PrefillFloor> {
+  const args = ['-m', modelPath, '-p', String(promptTokens), '-n', '0', '-d', String(depth), '-t', String(threads), '-r', '3', '-o', 'json'];
+  const stdout = await new Promise<string>((resolve, reject) =>
+    execFile(binary, args, { maxBuffer: 1 << 24 }, (err, out) => (err ? reject(new ServerBenchError(`llama-bench failed: ${err.message}`)) : resolve(out))),
+  );
+  const rows = JSON.parse(stdout) as Array<{ n_prompt?: number; n_gen?: number; n_depth?: number; avg_ns?: number }>;
+  const row = rows.find((r) => r.n_prompt === promptTokens && r.n_gen === 0);
+  if (!row || typeof row.avg_ns !== 'number') throw new ServerBenchError(`llama-bench reported no ${promptTokens}-token prefill: ${stdout.slice(0, 300)}`);
+  return { ms: row.avg_ns / 1e6, promptTokens, depth: row.n_depth ?? depth, command: [path.basename(binary), ...args].join(' ') };
+}
+
 async function measureCeiling(binary: string, modelPath: string, config: ServerBenchConfig): Promise<ServerBenchReport['ceiling']> {
   const script = path.join(packageRoot, 'scripts', 'batched-ceiling.js');
   // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -876,7 +919,7 @@ async function measureCeiling(binary: string, modelPath: string, config: ServerB
 // ---------------------------------------------------------------------------------------------
 // Targets (issue 15, item 7): ratios from this one run
 
-export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' | 'overhead' | 'ceiling' | 'config'>): ServerTarget[] {
+export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' | 'overhead' | 'ceiling' | 'config'> & { prefillFloor?: ServerBenchReport['prefillFloor'] }): ServerTarget[] {
   const ours = available(report.servers.kvstash);
   const theirs = available(report.servers['llama-server']);
   const targets: ServerTarget[] = [];
@@ -885,10 +928,14 @@ export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' 
     targets.push({ id, description, unit, op, limit, value: value === null ? null : round3(value), formula, met });
   };
   const ratio = (a: number | undefined, b: number | undefined) => (a === undefined || b === undefined || b === 0 ? null : a / b);
+  const floor = report.prefillFloor === undefined || 'unavailable' in report.prefillFloor ? null : report.prefillFloor;
   for (const clients of report.config.concurrency) {
     const a = ours?.levels.find((l) => l.clients === clients);
     const b = theirs?.levels.find((l) => l.clients === clients);
-    add(`steadyTtftP50x${clients}`, `p50 TTFT with ${clients} concurrent clients, every client served before ≤ 0.8 × llama-server's`, '×', '<=', 0.8,
+    // One client's TTFT cannot go below llama.cpp's own prefill of its question: say where that lies.
+    const floorNote =
+      clients === 1 && floor && b ? ` (llama-bench prefills the ${floor.promptTokens}-token question at depth ${floor.depth} in ${fmtMs(floor.ms)}: ${(floor.ms / b.steady.ttftP50Ms).toFixed(2)}× llama-server's)` : '';
+    add(`steadyTtftP50x${clients}`, `p50 TTFT with ${clients} concurrent clients, every client served before ≤ 0.8 × llama-server's${floorNote}`, '×', '<=', 0.8,
       ratio(a?.steady.ttftP50Ms, b?.steady.ttftP50Ms), `${fmtMs(a?.steady.ttftP50Ms)} / ${fmtMs(b?.steady.ttftP50Ms)}`);
   }
   const firstLevel = report.config.concurrency.find((c) => c > 1) ?? report.config.concurrency[0]!;

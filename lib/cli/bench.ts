@@ -149,6 +149,10 @@ export function renderServerReport(report: ServerBenchReport): string {
   } else lines.push(`HTTP overhead not measured: ${report.overhead.unavailable.split('\n')[0]}`);
   if (!('unavailable' in report.ceiling)) lines.push(`llama.cpp's own batching gain (llama-batched-bench): ${report.ceiling.gain.toFixed(2)}× (${report.ceiling.command})`);
   else lines.push(`llama.cpp's batching gain not measured: ${report.ceiling.unavailable.split('\n')[0]}`);
+  if (!('unavailable' in report.prefillFloor)) {
+    const f = report.prefillFloor;
+    lines.push(`llama.cpp's own prefill of one question (llama-bench): ${f.promptTokens} tokens at depth ${f.depth} in ${ms(f.ms)} ms (${f.command})`);
+  } else lines.push(`llama.cpp's prefill of one question not measured: ${report.prefillFloor.unavailable.split('\n')[0]}`);
   lines.push('', 'Targets');
   const targetRows = report.targets.map((t) => [
     t.met === null ? 'not measured' : t.met ? 'met' : 'NOT MET',
