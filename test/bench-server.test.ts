@@ -214,7 +214,7 @@ t.test('targets: ratios of the two servers, met or not, and not measured without
     promptTokens: 2050,
     completionTokensPerRequest: [],
   });
-  const report: Pick<ServerBenchReport, 'servers' | 'overhead' | 'ceiling' | 'config'> = {
+  const report: Pick<ServerBenchReport, 'servers' | 'overhead' | 'ceiling' | 'prefillFloor' | 'config'> = {
     config: { ...SERVER_FULL_CONFIG, model: 'm', systemTokens: 2000 },
     servers: {
       kvstash: side('kvstash', [level(1, 100, 100, 20), level(4, 200, 300, 50), level(8, 300, 500, 80)], 110, 100),

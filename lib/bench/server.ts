@@ -879,11 +879,16 @@ async function measureOverhead(
   }
 }
 
+/** One of llama.cpp's tools, to its end: its standard output. */
+function runTool(binary: string, args: readonly string[]): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile(binary, args, { maxBuffer: 1 << 24 }, (err, stdout) => (err ? reject(new ServerBenchError(`${path.basename(binary)} failed: ${err.message}`)) : resolve(stdout))),
+  );
+}
+
 async function measurePrefillFloor(binary: string, modelPath: string, promptTokens: number, depth: number, threads: number): Promise<PrefillFloor> {
   const args = ['-m', modelPath, '-p', String(promptTokens), '-n', '0', '-d', String(depth), '-t', String(threads), '-r', '3', '-o', 'json'];
-  const stdout = await new Promise<string>((resolve, reject) =>
-    execFile(binary, args, { maxBuffer: 1 << 24 }, (err, out) => (err ? reject(new ServerBenchError(`llama-bench failed: ${err.message}`)) : resolve(out))),
-  );
+  const stdout = await runTool(binary, args);
   const rows = JSON.parse(stdout) as Array<{ n_prompt?: number; n_gen?: number; n_depth?: number; avg_ns?: number }>;
   const row = rows.find((r) => r.n_prompt === promptTokens && r.n_gen === 0);
   if (!row || typeof row.avg_ns !== 'number') throw new ServerBenchError(`llama-bench reported no ${promptTokens}-token prefill: ${stdout.slice(0, 300)}`);
@@ -906,9 +911,7 @@ async function measureCeiling(binary: string, modelPath: string, config: ServerB
     sessions,
     threads: config.threads,
   });
-  const table = await new Promise<string>((resolve, reject) =>
-    execFile(binary, args, { maxBuffer: 1 << 24 }, (err, stdout) => (err ? reject(new ServerBenchError(`llama-batched-bench failed: ${err.message}`)) : resolve(stdout))),
-  );
+  const table = await runTool(binary, args);
   const speeds = generationSpeeds(table);
   const one = speeds.get(1);
   const all = speeds.get(sessions);
@@ -919,7 +922,7 @@ async function measureCeiling(binary: string, modelPath: string, config: ServerB
 // ---------------------------------------------------------------------------------------------
 // Targets (issue 15, item 7): ratios from this one run
 
-export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' | 'overhead' | 'ceiling' | 'config'> & { prefillFloor?: ServerBenchReport['prefillFloor'] }): ServerTarget[] {
+export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' | 'overhead' | 'ceiling' | 'prefillFloor' | 'config'>): ServerTarget[] {
   const ours = available(report.servers.kvstash);
   const theirs = available(report.servers['llama-server']);
   const targets: ServerTarget[] = [];
@@ -928,7 +931,7 @@ export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' 
     targets.push({ id, description, unit, op, limit, value: value === null ? null : round3(value), formula, met });
   };
   const ratio = (a: number | undefined, b: number | undefined) => (a === undefined || b === undefined || b === 0 ? null : a / b);
-  const floor = report.prefillFloor === undefined || 'unavailable' in report.prefillFloor ? null : report.prefillFloor;
+  const floor = 'unavailable' in report.prefillFloor ? null : report.prefillFloor;
   for (const clients of report.config.concurrency) {
     const a = ours?.levels.find((l) => l.clients === clients);
     const b = theirs?.levels.find((l) => l.clients === clients);

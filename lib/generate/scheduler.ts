@@ -23,6 +23,11 @@ interface Submission {
 
 const schedulers = new WeakMap<Context, BatchScheduler>();
 
+/** Tokens of a submission not decoded yet: 1 for a generation step, more for a prompt. */
+function left(submission: Submission): number {
+  return submission.tokens.length - submission.done;
+}
+
 /**
  * Prompts that wait together are prefilled in halves: a batch takes no further prompt once it holds
  * half of the prompt tokens waiting, or PROMPT_GROUP_MIN_TOKENS if that is more (a prompt already
@@ -81,7 +86,7 @@ export class BatchScheduler {
         // (streamed chunks written to their sockets, the next steps submitted) runs before the
         // next decode occupies the compute threads. Started right away, the decode's threads
         // took the cores from the main thread: on 2 cores a streamed token reached its socket
-        // 2-3 ms after it was sampled, and the decode stalled at its barriers meanwhile.
+        // 2-3 ms after it was sampled.
         await new Promise<void>((resolve) => setImmediate(resolve));
       }
     } finally {
@@ -97,7 +102,7 @@ export class BatchScheduler {
    * Single-token steps never wait for this.
    */
   private async letQueuedRestoresIn(): Promise<void> {
-    if (this.context.pendingOperations === 0 || !this.waiting.some((s) => s.tokens.length - s.done > 1)) return;
+    if (this.context.pendingOperations === 0 || !this.waiting.some((s) => left(s) > 1)) return;
     await this.context.exclusive(() => undefined);
     // Their continuations submit within microtasks of that turn; one macrotask lets them all.
     await new Promise<void>((resolve) => setImmediate(resolve));
@@ -112,14 +117,14 @@ export class BatchScheduler {
     }
     const live = [...this.waiting];
     // Single-token steps first (they are the latency-critical generations), then prompt chunks.
-    live.sort((a, b) => a.tokens.length - a.done - (b.tokens.length - b.done));
+    live.sort((a, b) => left(a) - left(b));
     const parts: Array<{ submission: Submission; from: number; to: number }> = [];
     let used = 0;
     let promptTokens = 0;
-    const group = promptGroupTokens(live.reduce((sum, s) => (s.tokens.length - s.done > 1 ? sum + s.tokens.length - s.done : sum), 0));
+    const group = promptGroupTokens(live.reduce((sum, s) => (left(s) > 1 ? sum + left(s) : sum), 0));
     for (const submission of live) {
       if (used >= budget) break;
-      const remaining = submission.tokens.length - submission.done;
+      const remaining = left(submission);
       // Sorted by what is left: from the first prompt on, everything after is a prompt too.
       if (remaining > 1 && promptTokens >= group) break;
       const take = Math.min(remaining, budget - used);
