@@ -87,6 +87,8 @@ export interface NativeContext {
   decode(tokens: Int32Array, positions: Int32Array, sequences: Int32Array, keep: Uint8Array, onProgress?: ProgressCallback): Promise<number>;
   logits(index: number): Float32Array;
   abort(): void;
+  /** Aborts the running operation and blocks until its thread has left it (used at exit only). */
+  abortAndWait(): void;
   isBusy(): boolean;
   memoryClear(): void;
   memoryRemove(sequence: number, p0: number, p1: number): boolean;

@@ -192,6 +192,7 @@ Napi::Function LlamaContext::DefineClass(Napi::Env env) {
           InstanceMethod<&LlamaContext::Decode>("decode"),
           InstanceMethod<&LlamaContext::Logits>("logits"),
           InstanceMethod<&LlamaContext::Abort>("abort"),
+          InstanceMethod<&LlamaContext::AbortAndWait>("abortAndWait"),
           InstanceMethod<&LlamaContext::IsBusy>("isBusy"),
           InstanceMethod<&LlamaContext::MemoryClear>("memoryClear"),
           InstanceMethod<&LlamaContext::MemoryRemove>("memoryRemove"),
@@ -541,6 +542,16 @@ Napi::Value LlamaContext::Logits(const Napi::CallbackInfo& info) {
 
 Napi::Value LlamaContext::Abort(const Napi::CallbackInfo& info) {
   if (busy_.load()) abort_.store(true);
+  return info.Env().Undefined();
+}
+
+// process.exit() does not wait for this context's own thread, and exit()'s static destructors
+// crash a decode still running there; the caller (lib/util/stop-at-exit.ts) calls this first.
+// The operation's promise is left unsettled: nothing runs JS after it.
+Napi::Value LlamaContext::AbortAndWait(const Napi::CallbackInfo& info) {
+  if (busy_.load()) abort_.store(true);
+  std::unique_lock<std::mutex> lock(idleMutex_);
+  idleCv_.wait(lock, [this] { return !running_; });
   return info.Env().Undefined();
 }
 

@@ -77,6 +77,7 @@ class LlamaContext : public Napi::ObjectWrap<LlamaContext> {
   Napi::Value Decode(const Napi::CallbackInfo& info);
   Napi::Value Logits(const Napi::CallbackInfo& info);
   Napi::Value Abort(const Napi::CallbackInfo& info);
+  Napi::Value AbortAndWait(const Napi::CallbackInfo& info);
   Napi::Value IsBusy(const Napi::CallbackInfo& info);
   Napi::Value MemoryClear(const Napi::CallbackInfo& info);
   Napi::Value MemoryRemove(const Napi::CallbackInfo& info);

@@ -7,6 +7,7 @@ import { openEntryFile } from '../cache/entry.js';
 import { describe, INT32_MAX, INT32_MIN, requireInteger, requireString, toInt32Array } from '../util/validate.js';
 import type { Model } from './model.js';
 import { OperationQueue, abortError } from './queue.js';
+import { stopAtExit } from '../util/stop-at-exit.js';
 
 export type KvType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0' | 'q4_1' | 'q5_0' | 'q5_1' | 'iq4_nl';
 
@@ -78,6 +79,7 @@ export class Context {
   readonly memory: ContextMemory;
   private readonly queue = new OperationQueue();
   private disposing: Promise<void> | undefined;
+  private readonly unregisterExitStop: () => void;
 
   /** @internal Use model.createContext(). */
   constructor(
@@ -87,6 +89,7 @@ export class Context {
   ) {
     this.info = handle.info();
     this.memory = new ContextMemory(this);
+    this.unregisterExitStop = stopAtExit(handle, (live) => live.abortAndWait());
   }
 
   /** @internal */
@@ -271,6 +274,7 @@ export class Context {
     if (!this.disposing) {
       this.disposing = this.queue.drain().then(() => {
         this.handle.dispose();
+        this.unregisterExitStop();
         this.onDispose();
       });
     }

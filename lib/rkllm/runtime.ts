@@ -10,6 +10,7 @@ import {
 import { KvstashError } from '../errors.js';
 import { OperationQueue, abortError } from '../llama/queue.js';
 import { requireInteger, requireNumber, requireString, toInt32Array } from '../util/validate.js';
+import { stopAtExit } from '../util/stop-at-exit.js';
 
 export type RkllmRuntimeVersion = NativeRkllmVersion;
 export type RkllmInferMode = NativeRkllmInferMode;
@@ -139,7 +140,7 @@ export class RkllmRuntime {
   readonly librarySource: string;
   private readonly queue = new OperationQueue();
   private disposing: Promise<void> | undefined;
-  private readonly exitRegistration: WeakRef<NativeRkllmRuntime>;
+  private readonly unregisterExitStop: () => void;
 
   /**
    * Loads librkllmrt.so and creates a handle for the model (rkllm_init, off the main thread).
@@ -170,7 +171,8 @@ export class RkllmRuntime {
     this.version = info.version;
     this.libraryPath = info.libraryPath;
     this.librarySource = info.librarySource;
-    this.exitRegistration = abortAtExit(handle);
+    // Runs are aborted on 'exit'; the native layer then destroys the handles (atexit).
+    this.unregisterExitStop = stopAtExit(handle, (live) => live.abort());
   }
 
   get isDisposed(): boolean {
@@ -327,7 +329,7 @@ export class RkllmRuntime {
     if (!this.disposing) {
       // The native dispose aborts the running run at once; queued operations see `disposing` and
       // reject without touching the runtime.
-      openRuntimes.delete(this.exitRegistration);
+      this.unregisterExitStop();
       // Operations still waiting reject at once, even when the running one never returns.
       this.queue.closeWaiting(disposedError);
       this.disposing = Promise.all([this.handle.dispose(), this.queue.drain()]).then(() => undefined);
@@ -347,32 +349,6 @@ export class RkllmRuntime {
 /** The runtime's and the model's queue: OperationQueue, whose waiting operations leave at once on
  * abort or closeWaiting (the same idea serves llama contexts). */
 export { OperationQueue as RkllmQueue };
-
-/**
- * process.exit() waits for libuv's worker threads, so a run in progress would hold the exit until
- * it finished generating. Runs are aborted on 'exit' instead; the native layer then destroys the
- * handles (atexit). Weak references: an undisposed runtime can still be garbage-collected.
- */
-const openRuntimes = new Set<WeakRef<NativeRkllmRuntime>>();
-let exitListener = false;
-
-function abortAtExit(handle: NativeRkllmRuntime): WeakRef<NativeRkllmRuntime> {
-  if (!exitListener) {
-    exitListener = true;
-    process.on('exit', () => {
-      for (const ref of openRuntimes) {
-        try {
-          ref.deref()?.abort();
-        } catch {
-          // exiting anyway
-        }
-      }
-    });
-  }
-  const ref = new WeakRef(handle);
-  openRuntimes.add(ref);
-  return ref;
-}
 
 function disposedError(): KvstashError {
   return new KvstashError('E_DISPOSED', 'the RKLLM runtime was disposed; load the model again');
