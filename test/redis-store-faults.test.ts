@@ -214,6 +214,19 @@ t.test('volatile-lru: without a TTL nothing can be evicted and writes are refuse
   const evicted = Number(/evicted_keys:(\d+)/.exec((await server.admin(['INFO', 'stats'])) as string)![1]);
   t.ok(evicted > 0, `${evicted} keys evicted`);
   t.same(ttlProblems.filter((p) => p.code === 'E_STATE_SAVE'), [], 'with a TTL every write is accepted');
-  const last = await generateWith(t, new PromptCache({ dir: null, store: expiring }), new Int32Array([...promptTokens(model, ENTRY_TOKENS, 813), 1, 2]), 'volatile, ttl');
-  t.match(last.restored, { tier: 'store' }, 'the newest entry restores');
+  // Redis's LRU clock ticks once a second and eviction picks among sampled keys, so which keys of
+  // 14 entries written within a second survive is chance: even the newest entry can lose a part,
+  // or the model's index (it has the TTL too) can go, which hides every entry from lookups (both
+  // seen). And while memory stays over the limit, any command (a read, a new connection) evicts
+  // more. So the limit is lifted first; what restoring the newest entry must give then follows
+  // from what is left.
+  await server.admin(['CONFIG', 'SET', 'maxmemory', '0']);
+  const newestPrompt = promptTokens(model, ENTRY_TOKENS, 813);
+  const stored = (await expiring.list()).find((e) => e.header.tokens.length > 0 && e.header.tokens.every((token, i) => token === newestPrompt[i]));
+  const indexed = stored !== undefined && (await server.admin(['EXISTS', expiring.indexKey(stored.header)])) === 1;
+  const whole = indexed && (await expiring.getVerified(stored!.key).catch(() => undefined)) !== undefined;
+  const reader = new PromptCache({ dir: null, store: expiring });
+  const readerProblems = problemsOf(reader);
+  const last = await generateWith(t, reader, new Int32Array([...newestPrompt, 1, 2]), 'volatile, ttl');
+  t.equal(last.restored.tier, whole ? 'store' : null, (whole ? 'the newest entry is whole and indexed, and restores' : `the newest entry lost ${indexed ? 'a part' : 'its manifest or index'} to eviction and is a miss`) + ` (problems: ${JSON.stringify(readerProblems)})`);
 });
