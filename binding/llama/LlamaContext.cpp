@@ -545,8 +545,9 @@ Napi::Value LlamaContext::Abort(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// process.exit() does not wait for this context's own thread, and exit()'s static destructors
-// crash a decode still running there; the caller (lib/util/stop-at-exit.ts) calls this first.
+// process.exit() does not wait for this context's own thread, and a decode still running there
+// when exit() tears the process down crashed it (under qemu); lib/util/stop-at-exit.ts calls this
+// on 'exit'.
 // The operation's promise is left unsettled: nothing runs JS after it.
 Napi::Value LlamaContext::AbortAndWait(const Napi::CallbackInfo& info) {
   if (busy_.load()) abort_.store(true);
