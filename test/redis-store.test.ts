@@ -223,6 +223,58 @@ t.test('a damaged manifest is absent and deleted; an evicted manifest drops its 
   t.ok(((await server.admin(['HLEN', index])) as number) < fieldsBefore, 'its index fields were removed');
 });
 
+t.test('a lost index (evicted, expired or deleted) is rebuilt from the manifests by the next lookup, at most once per 30 s', async (t) => {
+  const writer = storeFor(t, { ttlSeconds: 1000 });
+  const other = promptTokens(model, 200, 53);
+  const keys = [await warmInto(new PromptCache({ dir: null, store: writer }), prefix), await warmInto(new PromptCache({ dir: null, store: writer }), other)];
+  const index = (await keysOf(`${writer.prefix}:ix:*`))[0]!;
+  const fields = (await server.admin(['HLEN', index])) as number;
+  t.equal(await server.admin(['HGET', index, 'index']), '1', 'an index carries its mark');
+  const scans = async () => Number(/cmdstat_scan:calls=(\d+)/.exec((await server.admin(['INFO', 'commandstats'])) as string)?.[1] ?? 0);
+
+  // A miss while the index exists costs no SCAN.
+  let before = await scans();
+  t.match((await restoredLogits(new PromptCache({ dir: null, store: writer }), promptTokens(model, 100, 54))).restored, { tier: null });
+  t.equal(await scans(), before, 'a plain miss does not scan');
+
+  // Gone: two lookups at once (of another process: the writer's first lookup, on an empty Redis,
+  // was its rebuild of this period) share one rebuild, and both restore exactly.
+  await server.admin(['DEL', index]);
+  const reader = storeFor(t, { prefix: writer.prefix, ttlSeconds: 1000 });
+  before = await scans();
+  const cache = new PromptCache({ dir: null, store: reader });
+  const problems = problemsOf(cache);
+  const otherPrompt = new Int32Array([...other, ...promptTokens(model, 10, 55)]);
+  const [a, b] = await Promise.all([restoredLogits(cache, prompt), restoredLogits(new PromptCache({ dir: null, store: reader }), otherPrompt)]);
+  t.match(a.restored, { tier: 'store', cachedTokens: prefix.length }, 'the first entry restores from the rebuilt index');
+  t.match(b.restored, { tier: 'store', cachedTokens: other.length }, 'the second too');
+  t.ok(bitIdentical(a.logits, await coldLogits(prompt, prefix.length)), 'the logits of a cold prefill');
+  t.ok(bitIdentical(b.logits, await coldLogits(otherPrompt, other.length)), 'the logits of a cold prefill (second)');
+  t.same(problems, [], 'nothing to report');
+  t.equal((await scans()) - before, 1, 'one SCAN for both lookups');
+  t.equal(await server.admin(['HLEN', index]), fields, 'the index has every field again');
+  t.same(new Set(((await server.admin(['HVALS', index])) as string[]).filter((v) => v !== '1')), new Set(keys), 'its fields name the two entries');
+  const ttl = (await server.admin(['TTL', index])) as number;
+  t.ok(ttl > 900 && ttl <= 1000, `its TTL is back (${ttl} s)`);
+
+  // Lost again within 30 s: the reader does not scan again (a miss); a third process does.
+  await server.admin(['DEL', index]);
+  before = await scans();
+  t.match((await restoredLogits(new PromptCache({ dir: null, store: reader }), prompt)).restored, { tier: null }, 'not rebuilt twice within 30 s');
+  t.equal(await scans(), before, 'no second SCAN');
+  const third = storeFor(t, { prefix: writer.prefix });
+  t.match((await restoredLogits(new PromptCache({ dir: null, store: third }), prompt)).restored, { tier: 'store', cachedTokens: prefix.length }, 'another store rebuilds it');
+
+  // Lost, then made to exist again by a write: that write rebuilds it, within 30 s or not, or it
+  // would hide every entry written before.
+  await server.admin(['DEL', index]);
+  const newer = promptTokens(model, 150, 56);
+  await warmInto(new PromptCache({ dir: null, store: third }), newer);
+  t.equal(await server.admin(['HGET', index, 'index']), '1', 'the write put the mark back');
+  t.match((await restoredLogits(new PromptCache({ dir: null, store: third }), prompt)).restored, { tier: 'store', cachedTokens: prefix.length }, 'the entries written before the loss are found again');
+  t.match((await restoredLogits(new PromptCache({ dir: null, store: third }), otherPrompt)).restored, { tier: 'store', cachedTokens: other.length }, 'both of them');
+});
+
 t.test('a TTL per entry, renewed by a hit', async (t) => {
   const store = storeFor(t, { ttlSeconds: 1000 });
   const key = await warmInto(new PromptCache({ dir: null, store }), prefix);

@@ -8,7 +8,8 @@
  *   P:p:K:W:i      part i of the entry, i = 0..n-1: bytes [i*S, min((i+1)*S, F)) of the entry
  *                  file (encodeEntry's bytes), S the part size; W the write id the manifest names
  *   P:ix:I         the index of one identity I (model fingerprint, backend, KV layout): a hash
- *                  whose fields are token-prefix digests and whose values are entry keys
+ *                  whose fields are token-prefix digests and whose values are entry keys, plus
+ *                  the field `index` (value 1), so that an index with no entries still exists
  *
  * Manifest (integers little-endian):
  *
@@ -28,6 +29,14 @@
  * and for the token count itself, the field `hex(SHA-256(I ‖ tokens[0, n) as i32 LE))[0, 24)`
  * holds K. A lookup sends one HMGET of the prompt's own prefix digests, then one MGET of the
  * manifests of the longest keys found: two round trips whatever the number of entries.
+ *
+ * The index is derived from the manifests, which are the truth: Redis may evict it (any key under
+ * an allkeys-* policy; under a volatile-* one when it has a TTL) or someone may delete it, which
+ * would hide every entry of the model that is still whole. A lookup that finds no field at all,
+ * not even `index`, knows the index is gone and rebuilds it from a SCAN of the manifests before
+ * it answers (at most once per INDEX_REBUILD_INTERVAL_MS per identity and process). A write that
+ * finds no `index` (HSETNX) rebuilds it too: otherwise its own fields would make an index exist
+ * that lacks every entry written before it was lost.
  *
  * Nothing unverified is loaded: the parts are fetched together (over connections of their own,
  * lib/cache/redis-bulk-reader.ts) into one buffer of the entry's size and checked against the entry's chunk digests, and the head and tail against the manifest,
@@ -80,6 +89,11 @@ export const INDEX_BLOCK_TOKENS = 64;
 /** Manifests fetched per lookup: the longest distinct matches. */
 const LOOKUP_CANDIDATES = 3;
 const KNOWN_MANIFESTS = 64;
+/** The index field every index has (fields of entries are 24 hex digits, so it cannot collide). */
+const INDEX_MARK = 'index';
+/** A lost index is rebuilt at most this often per identity by one process: a rebuild SCANs every
+ * manifest of the prefix, and an index evicted again and again must not turn lookups into scans. */
+const INDEX_REBUILD_INTERVAL_MS = 30_000;
 
 type Reply = Buffer | null | number | string | Reply[];
 interface RedisClient {
@@ -138,6 +152,9 @@ export class RedisStore extends EventEmitter implements CacheStore {
   private readonly binary: unknown;
   /** Manifests of recent lookups, so a fetch right after costs one round trip. */
   private readonly manifests = new Map<string, Manifest>();
+  /** Index rebuilds in flight, and when each index was last rebuilt (performance.now()). */
+  private readonly indexRebuilds = new Map<string, Promise<boolean>>();
+  private readonly indexRebuiltAt = new Map<string, number>();
 
   constructor(options: RedisStoreOptions) {
     super();
@@ -181,7 +198,11 @@ export class RedisStore extends EventEmitter implements CacheStore {
     const fields = prefixFields(identity, tokens);
     if (fields.length === 0) return [];
     const index = this.indexKey(identity);
-    const keys = (await this.command(['HMGET', index, ...fields.map((f) => f.field)], 'lookup')) as Array<Buffer | null>;
+    let keys = await this.lookupIndex(index, fields);
+    if (keys === null) {
+      if (!(await this.rebuildIndex(identity))) return [];
+      keys = (await this.lookupIndex(index, fields)) ?? [];
+    }
     const chosen: string[] = [];
     for (let i = fields.length - 1; i >= 0 && chosen.length < LOOKUP_CANDIDATES; i--) {
       const key = keys[i]?.toString('latin1');
@@ -281,8 +302,13 @@ export class RedisStore extends EventEmitter implements CacheStore {
     const identity = entry.header;
     const index = this.indexKey(identity);
     const fieldArgs = prefixFields(identity, Int32Array.from(entry.header.tokens)).flatMap((f) => [f.field, key]);
+    const created = (await this.command(['HSETNX', index, INDEX_MARK, '1'], 'write')) === 1;
     await this.command(['HSET', index, ...fieldArgs], 'write');
     if (this.ttlSeconds !== undefined) await this.command(['EXPIRE', index, String(this.ttlSeconds)], 'write');
+    // No index before this write: the model's first entry, or its index was evicted and the
+    // fields of every entry written before went with it (this write would hide them by making
+    // the index exist again): they come back from the manifests, whenever it was last rebuilt.
+    if (created) await this.rebuildIndex(identity, { again: true });
   }
 
   async delete(key: string): Promise<void> {
@@ -328,6 +354,38 @@ export class RedisStore extends EventEmitter implements CacheStore {
   }
 
   // --- internals -----------------------------------------------------------------------------
+
+  /** The entry keys the index holds under `fields` (null where none), or null when the index does
+   * not exist: then not even its INDEX_MARK answers. One round trip. */
+  private async lookupIndex(index: string, fields: ReadonlyArray<{ field: string }>): Promise<Array<Buffer | null> | null> {
+    const replies = (await this.command(['HMGET', index, ...fields.map((f) => f.field), INDEX_MARK], 'lookup')) as Array<Buffer | null>;
+    return replies.every((reply) => reply === null) ? null : replies.slice(0, fields.length);
+  }
+
+  /** Writes the lost index of `identity` again from the manifests of its entries. Resolves whether
+   * it found any; concurrent callers share one rebuild. For a lookup, a rebuild within the last
+   * INDEX_REBUILD_INTERVAL_MS is not repeated (resolves false); a write (`again`) always rebuilds,
+   * as writes are few and each is worth more than a SCAN. */
+  private rebuildIndex(identity: EntryIdentity, { again = false } = {}): Promise<boolean> {
+    const index = this.indexKey(identity);
+    const running = this.indexRebuilds.get(index);
+    if (running) return running;
+    const last = this.indexRebuiltAt.get(index);
+    if (!again && last !== undefined && performance.now() - last < INDEX_REBUILD_INTERVAL_MS) return Promise.resolve(false);
+    const rebuild = (async () => {
+      const digest = identityDigest(identity);
+      const entries = (await this.list()).filter((e) => identityDigest(e.header) === digest);
+      const fieldArgs = entries.flatMap((e) => prefixFields(e.header, Int32Array.from(e.header.tokens)).flatMap((f) => [f.field, e.key]));
+      await this.command(['HSET', index, INDEX_MARK, '1', ...fieldArgs], 'index rebuild');
+      if (this.ttlSeconds !== undefined) await this.command(['EXPIRE', index, String(this.ttlSeconds)], 'index rebuild');
+      return entries.length > 0;
+    })().finally(() => {
+      this.indexRebuilds.delete(index);
+      this.indexRebuiltAt.set(index, performance.now());
+    });
+    this.indexRebuilds.set(index, rebuild);
+    return rebuild;
+  }
 
   /** Every part of `manifest`'s write, with the manifest as it is now, in one round trip: the
    * parts land in one buffer of the entry's size (the buffer the caller imports from). */
