@@ -47,16 +47,22 @@ async function warm(cache: PromptCache, tokens: Int32Array): Promise<void> {
 
 
 /** Sets maxmemory to what the server uses now plus room for `entries` entries of ENTRY_TOKENS
- * tokens (measured: the second of two written, then removed). */
+ * tokens, each sized by MEMORY USAGE of its keys (a difference of used_memory also counts client
+ * buffers, which Redis frees when it likes: once it gave half an entry). */
 async function limitMemory(t: Test, server: RedisServer, store: RedisStore, entries: number): Promise<void> {
-  const usedMemory = async () => Number(/used_memory:(\d+)/.exec((await server.admin(['INFO', 'memory'])) as string)![1]);
-  await warm(new PromptCache({ dir: null, store }), promptTokens(model, ENTRY_TOKENS, 998));
-  const before = await usedMemory();
-  await warm(new PromptCache({ dir: null, store }), promptTokens(model, ENTRY_TOKENS, 999));
-  const entryBytes = (await usedMemory()) - before;
+  const cache = new PromptCache({ dir: null, store });
+  const context = await model.createContext({ contextSize: 1024 });
+  const { key } = await cache.warm(context, promptTokens(model, ENTRY_TOKENS, 999));
+  await cache.flush();
+  await context.dispose();
+  const names = [store.manifestKey(key), ...((await server.admin(['KEYS', `${store.prefix}:p:${key}:*`])) as string[])];
+  let entryBytes = 0;
+  for (const name of names) entryBytes += (await server.admin(['MEMORY', 'USAGE', name])) as number;
   await server.admin(['FLUSHALL']);
-  t.ok(entryBytes > 2 * 65536, `an entry of ${ENTRY_TOKENS} tokens (3 parts) takes ${entryBytes} bytes of Redis memory`);
-  await server.admin(['CONFIG', 'SET', 'maxmemory', String((await usedMemory()) + entries * entryBytes)]);
+  t.equal(names.length, 1 + ENTRY_PARTS, `an entry of ${ENTRY_TOKENS} tokens is a manifest and ${ENTRY_PARTS} parts`);
+  t.ok(entryBytes > 2 * 65536, `it takes ${entryBytes} bytes of Redis memory`);
+  const usedMemory = Number(/used_memory:(\d+)/.exec((await server.admin(['INFO', 'memory'])) as string)![1]);
+  await server.admin(['CONFIG', 'SET', 'maxmemory', String(usedMemory + entries * entryBytes)]);
 }
 
 /** Entries of this many tokens are ENTRY_PARTS parts of 64 KiB with the tiny model. */
