@@ -603,9 +603,6 @@ export interface PrefillFloor {
   ms: number;
   promptTokens: number;
   depth: number;
-  /** The questions of every client of the top level in one prefill (as a round of them arrives
-   * together), at the same depth: the other half of the concurrency gain's own ceiling. */
-  all?: { ms: number; promptTokens: number };
   command: string;
 }
 
@@ -744,7 +741,7 @@ export async function runServerBench(options: ServerBenchOptions): Promise<Serve
         : promptTokens === undefined
           ? { unavailable: 'no request was measured' }
           : await ui.status("llama.cpp's own prefill of one question (llama-bench)", () =>
-              measurePrefillFloor(binaries.llamaBench, modelPath, promptTokens - prompts.systemTokens, Math.max(...config.concurrency), prompts.systemTokens, config.threads),
+              measurePrefillFloor(binaries.llamaBench, modelPath, promptTokens - prompts.systemTokens, prompts.systemTokens, config.threads),
             ).catch((err: Error) => ({ unavailable: err.message }));
 
     for (const side of sides) {
@@ -889,33 +886,13 @@ function runTool(binary: string, args: readonly string[]): Promise<string> {
   );
 }
 
-async function measurePrefillFloor(binary: string, modelPath: string, promptTokens: number, clients: number, depth: number, threads: number): Promise<PrefillFloor> {
-  const sizes = clients > 1 ? [promptTokens, promptTokens * clients] : [promptTokens];
-  const args = ['-m', modelPath, '-p', sizes.join(','), '-n', '0', '-d', String(depth), '-t', String(threads), '-r', '3', '-o', 'json'];
+async function measurePrefillFloor(binary: string, modelPath: string, promptTokens: number, depth: number, threads: number): Promise<PrefillFloor> {
+  const args = ['-m', modelPath, '-p', String(promptTokens), '-n', '0', '-d', String(depth), '-t', String(threads), '-r', '3', '-o', 'json'];
   const stdout = await runTool(binary, args);
   const rows = JSON.parse(stdout) as Array<{ n_prompt?: number; n_gen?: number; n_depth?: number; avg_ns?: number }>;
-  const [one, all] = sizes.map((size) => {
-    const row = rows.find((r) => r.n_prompt === size && r.n_gen === 0);
-    if (!row || typeof row.avg_ns !== 'number') throw new ServerBenchError(`llama-bench reported no ${size}-token prefill: ${stdout.slice(0, 300)}`);
-    return { ms: row.avg_ns / 1e6, promptTokens: size, depth: row.n_depth ?? depth };
-  });
-  return { ...one!, ...(all ? { all: { ms: all.ms, promptTokens: all.promptTokens } } : {}), command: [path.basename(binary), ...args].join(' ') };
-}
-
-/**
- * The concurrency gain llama.cpp's own tools reach on this workload: a round of `top` clients
- * (their questions prefilled together, then maxTokens decode steps of `top` sequences) against one
- * client's request (its question, then maxTokens steps of one), each step's time from
- * llama-batched-bench's generation speed. The batching gain counts the steps only; a server's
- * gain also pays for the questions, which batch less well.
- */
-export function workloadGainCeiling(floor: PrefillFloor, tokensPerSecond: Record<string, number>, top: number, bottom: number, maxTokens: number): number | undefined {
-  const hi = tokensPerSecond[String(top)];
-  const lo = tokensPerSecond[String(bottom)];
-  if (!floor.all || hi === undefined || lo === undefined || bottom !== 1) return undefined;
-  const one = floor.ms + (maxTokens * 1000) / lo;
-  const round = floor.all.ms + (maxTokens * top * 1000) / hi;
-  return (top * one) / round;
+  const row = rows.find((r) => r.n_prompt === promptTokens && r.n_gen === 0);
+  if (!row || typeof row.avg_ns !== 'number') throw new ServerBenchError(`llama-bench reported no ${promptTokens}-token prefill: ${stdout.slice(0, 300)}`);
+  return { ms: row.avg_ns / 1e6, promptTokens, depth: row.n_depth ?? depth, command: [path.basename(binary), ...args].join(' ') };
 }
 
 async function measureCeiling(binary: string, modelPath: string, config: ServerBenchConfig): Promise<ServerBenchReport['ceiling']> {
@@ -989,10 +966,7 @@ export function evaluateServerTargets(report: Pick<ServerBenchReport, 'servers' 
   };
   const ceiling = 'unavailable' in report.ceiling ? undefined : report.ceiling.gain;
   const theirGain = gain(theirs);
-  // What llama.cpp's own tools reach on this very workload, the questions' prefill included.
-  const workload = floor && !('unavailable' in report.ceiling) ? workloadGainCeiling(floor, report.ceiling.tokensPerSecond, top, bottom, report.config.maxTokens) : undefined;
-  const workloadNote = workload !== undefined && ceiling ? `; this workload's own ceiling, questions' prefill included (llama-bench + llama-batched-bench): ${workload.toFixed(2)}× = ${(workload / ceiling).toFixed(2)} × the batching gain` : '';
-  add('concurrencyGain', `concurrency gain (output tokens/s, ${top} clients / ${bottom}) ≥ 0.95 × llama.cpp's own batching gain (llama-batched-bench${theirGain === undefined ? '' : `; llama-server's gain ${theirGain.toFixed(2)}×`}${workloadNote})`,
+  add('concurrencyGain', `concurrency gain (output tokens/s, ${top} clients / ${bottom}) ≥ 0.95 × llama.cpp's own batching gain (llama-batched-bench${theirGain === undefined ? '' : `; llama-server's gain ${theirGain.toFixed(2)}×`})`,
     '×', '>=', 0.95, ratio(gain(ours), ceiling), `${gain(ours)?.toFixed(2) ?? '-'}× / ${ceiling?.toFixed(2) ?? '-'}×`);
   return targets;
 }

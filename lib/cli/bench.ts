@@ -151,7 +151,7 @@ export function renderServerReport(report: ServerBenchReport): string {
   else lines.push(`llama.cpp's batching gain not measured: ${report.ceiling.unavailable.split('\n')[0]}`);
   if (!('unavailable' in report.prefillFloor)) {
     const f = report.prefillFloor;
-    lines.push(`llama.cpp's own prefill of one question (llama-bench): ${f.promptTokens} tokens at depth ${f.depth} in ${ms(f.ms)} ms${f.all ? `; all ${f.all.promptTokens} tokens of a round in ${ms(f.all.ms)} ms` : ''} (${f.command})`);
+    lines.push(`llama.cpp's own prefill of one question (llama-bench): ${f.promptTokens} tokens at depth ${f.depth} in ${ms(f.ms)} ms (${f.command})`);
   } else lines.push(`llama.cpp's prefill of one question not measured: ${report.prefillFloor.unavailable.split('\n')[0]}`);
   lines.push('', 'Targets');
   const targetRows = report.targets.map((t) => [
