@@ -275,6 +275,23 @@ t.test('a lost index (evicted, expired or deleted) is rebuilt from the manifests
   t.match((await restoredLogits(new PromptCache({ dir: null, store: third }), otherPrompt)).restored, { tier: 'store', cachedTokens: other.length }, 'both of them');
 });
 
+t.test('a rebuild that fails (a user without SCAN) is reported; the write it followed stands', async (t) => {
+  await server.admin(['ACL', 'SETUSER', 'noscan', 'on', '>pw', '~*', '&*', '+@all', '-scan']);
+  t.teardown(() => server.admin(['ACL', 'DELUSER', 'noscan']));
+  const url = new URL(server.url);
+  url.username = 'noscan';
+  url.password = 'pw';
+  const store = storeFor(t, { url: url.toString() });
+  const cache = new PromptCache({ dir: null, store });
+  const problems = problemsOf(cache);
+  const key = await warmInto(cache, prefix);
+  t.ok(problems.some((p) => p.code === 'E_STORE_UNAVAILABLE' && /lost index could not be rebuilt: .*NOPERM/i.test(p.message)), `the failed repair is reported (${JSON.stringify(problems.map((p) => p.message))})`);
+  t.notOk(problems.some((p) => p.code === 'E_STATE_SAVE'), 'the save itself did not fail');
+  t.equal(await server.admin(['EXISTS', `${store.prefix}:m:${key}`]), 1, 'the entry is stored');
+  const reader = storeFor(t, { prefix: store.prefix });
+  t.match((await restoredLogits(new PromptCache({ dir: null, store: reader }), prompt)).restored, { tier: 'store', cachedTokens: prefix.length }, 'and found through its own index fields');
+});
+
 t.test('a TTL per entry, renewed by a hit', async (t) => {
   const store = storeFor(t, { ttlSeconds: 1000 });
   const key = await warmInto(new PromptCache({ dir: null, store }), prefix);

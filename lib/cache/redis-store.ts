@@ -308,7 +308,13 @@ export class RedisStore extends EventEmitter implements CacheStore {
     // No index before this write: the model's first entry, or its index was evicted and the
     // fields of every entry written before went with it (this write would hide them by making
     // the index exist again): they come back from the manifests, whenever it was last rebuilt.
-    if (created) await this.rebuildIndex(identity, { again: true });
+    // The entry itself is stored and indexed by now: a repair that fails is a problem to report,
+    // not a failed write.
+    if (created) {
+      await this.rebuildIndex(identity, { again: true }).catch((err: unknown) =>
+        this.problem({ code: (err as KvstashError).code ?? 'E_STORE_UNAVAILABLE', message: `the lost index could not be rebuilt: ${(err as Error).message}`, key }),
+      );
+    }
   }
 
   async delete(key: string): Promise<void> {
