@@ -142,7 +142,20 @@ t.test('requests that arrive together restore from the cache and share one promp
   cache.setResident(context, 0, new Int32Array(0));
   const decodes = countDecodes(context);
   const questions = ['one', 'two two', 'three three three', 'four'];
-  const results = await Promise.all(questions.map((question, i) => generate(context, { system, prompt: question, cache, sequence: i, maxTokens: 4 }).result));
+  // "Together" means their imports are queued together: the context is held until all four are.
+  // Left to timing, a request still in its lookup when another's import ended got a prompt batch
+  // of its own (under qemu, 1 run in 8).
+  let release!: () => void;
+  const held = context.exclusive(() => new Promise<void>((resolve) => (release = resolve)));
+  const running = questions.map((question, i) => generate(context, { system, prompt: question, cache, sequence: i, maxTokens: 4 }).result);
+  for (let waited = 0; context.pendingOperations < 1 + questions.length; waited += 10) {
+    if (waited > 30_000) throw new Error(`only ${context.pendingOperations - 1} imports were queued`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  t.equal(context.pendingOperations, 1 + questions.length, 'four imports queued behind the hold');
+  release();
+  await held;
+  const results = await Promise.all(running);
   t.same(results.map((r) => r.tier), ['ram', 'ram', 'ram', 'ram']);
   // The first prompt's batch waits for the imports already queued on the context, so all four
   // prompts go in one batch, then 3 shared steps.
