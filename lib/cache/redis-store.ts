@@ -301,10 +301,9 @@ export class RedisStore extends EventEmitter implements CacheStore {
     await this.command(['SET', this.manifestKey(key), encodeManifest(head, tail, buffer.length, this.partBytes, writeId), ...ttl], 'write');
     const identity = entry.header;
     const index = this.indexKey(identity);
-    const fieldArgs = prefixFields(identity, Int32Array.from(entry.header.tokens)).flatMap((f) => [f.field, key]);
-    const created = (await this.command(['HSETNX', index, INDEX_MARK, '1'], 'write')) === 1;
-    await this.command(['HSET', index, ...fieldArgs], 'write');
-    if (this.ttlSeconds !== undefined) await this.command(['EXPIRE', index, String(this.ttlSeconds)], 'write');
+    // Sent together, run in this order: one round trip.
+    const [mark] = await Promise.all([this.command(['HSETNX', index, INDEX_MARK, '1'], 'write'), this.writeIndex(index, indexFieldArgs(key, identity), 'write')]);
+    const created = mark === 1;
     // No index before this write: the model's first entry, or its index was evicted and the
     // fields of every entry written before went with it (this write would hide them by making
     // the index exist again): they come back from the manifests, whenever it was last rebuilt.
@@ -368,6 +367,13 @@ export class RedisStore extends EventEmitter implements CacheStore {
     return replies.every((reply) => reply === null) ? null : replies.slice(0, fields.length);
   }
 
+  /** HSET of `fieldArgs` (field, value, ...) into `index`, and its TTL renewed, sent together. */
+  private async writeIndex(index: string, fieldArgs: string[], what: string): Promise<void> {
+    const writes = [this.command(['HSET', index, ...fieldArgs], what)];
+    if (this.ttlSeconds !== undefined) writes.push(this.command(['EXPIRE', index, String(this.ttlSeconds)], what));
+    await Promise.all(writes);
+  }
+
   /** Writes the lost index of `identity` again from the manifests of its entries. Resolves whether
    * it found any; concurrent callers share one rebuild. For a lookup, a rebuild within the last
    * INDEX_REBUILD_INTERVAL_MS is not repeated (resolves false); a write (`again`) always rebuilds,
@@ -381,9 +387,7 @@ export class RedisStore extends EventEmitter implements CacheStore {
     const rebuild = (async () => {
       const digest = identityDigest(identity);
       const entries = (await this.list()).filter((e) => identityDigest(e.header) === digest);
-      const fieldArgs = entries.flatMap((e) => prefixFields(e.header, Int32Array.from(e.header.tokens)).flatMap((f) => [f.field, e.key]));
-      await this.command(['HSET', index, INDEX_MARK, '1', ...fieldArgs], 'index rebuild');
-      if (this.ttlSeconds !== undefined) await this.command(['EXPIRE', index, String(this.ttlSeconds)], 'index rebuild');
+      await this.writeIndex(index, [INDEX_MARK, '1', ...entries.flatMap((e) => indexFieldArgs(e.key, e.header))], 'index rebuild');
       return entries.length > 0;
     })().finally(() => {
       this.indexRebuilds.delete(index);
@@ -599,6 +603,11 @@ function prefixFields(identity: EntryIdentity, tokens: Int32Array): Array<{ leng
     out.push({ length: tokens.length, field: hash.digest('hex').slice(0, 24) });
   }
   return out;
+}
+
+/** The index fields of one entry, as HSET arguments: each prefix digest of its tokens → its key. */
+function indexFieldArgs(key: string, header: EntryIdentity & { tokens: ArrayLike<number> }): string[] {
+  return prefixFields(header, Int32Array.from(header.tokens)).flatMap((f) => [f.field, key]);
 }
 
 function encodeManifest(head: Buffer, tail: Buffer, entryBytes: number, partBytes: number, writeId: string): Buffer {
