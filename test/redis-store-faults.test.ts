@@ -38,11 +38,13 @@ async function generateWith(t: Test, cache: PromptCache, tokens: Int32Array, wha
   }
 }
 
-async function warm(cache: PromptCache, tokens: Int32Array): Promise<void> {
+/** Warms `tokens` into the cache and flushes its writes; the entry's key. */
+async function warm(cache: PromptCache, tokens: Int32Array): Promise<string> {
   const context = await model.createContext({ contextSize: 1024 });
-  await cache.warm(context, tokens);
+  const { key } = await cache.warm(context, tokens);
   await cache.flush();
   await context.dispose();
+  return key;
 }
 
 
@@ -50,11 +52,7 @@ async function warm(cache: PromptCache, tokens: Int32Array): Promise<void> {
  * tokens, each sized by MEMORY USAGE of its keys (a difference of used_memory also counts client
  * buffers, which Redis frees when it likes: once it gave half an entry). */
 async function limitMemory(t: Test, server: RedisServer, store: RedisStore, entries: number): Promise<void> {
-  const cache = new PromptCache({ dir: null, store });
-  const context = await model.createContext({ contextSize: 1024 });
-  const { key } = await cache.warm(context, promptTokens(model, ENTRY_TOKENS, 999));
-  await cache.flush();
-  await context.dispose();
+  const key = await warm(new PromptCache({ dir: null, store }), promptTokens(model, ENTRY_TOKENS, 999));
   const names = [store.manifestKey(key), ...((await server.admin(['KEYS', `${store.prefix}:p:${key}:*`])) as string[])];
   let entryBytes = 0;
   for (const name of names) entryBytes += (await server.admin(['MEMORY', 'USAGE', name])) as number;
@@ -184,10 +182,7 @@ async function fillPastLimit(t: Test, server: RedisServer, store: RedisStore, se
     if (i === 10) await new Promise((resolve) => setTimeout(resolve, 2100));
     const tokens = promptTokens(model, ENTRY_TOKENS, seed + i);
     prompts.push(tokens);
-    const context = await model.createContext({ contextSize: 1024 });
-    keys.push((await writer.warm(context, tokens)).key);
-    await writer.flush();
-    await context.dispose();
+    keys.push(await warm(writer, tokens));
   }
   t.same(problems.filter((p) => p.code === 'E_STATE_SAVE'), [], 'every write is accepted (Redis evicts to make room)');
   const evicted = Number(/evicted_keys:(\d+)/.exec((await server.admin(['INFO', 'stats'])) as string)![1]);
